@@ -1,0 +1,7 @@
+"""``python -m lora_llava`` is the ``lora-llava`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,148 @@
+"""The ``lora-llava`` command: a table of subcommands, each a thin call into the library.
+
+Exit codes: 0 success, 1 the work failed (a bad data record, a failed run), 2 the command or recipe is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable
+
+from . import __version__
+
+logger = logging.getLogger("lora_llava")
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("lora_llava").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        # Library chatter that says nothing a lora-llava user can act on.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        warnings.filterwarnings("ignore", module=r"(torch|transformers|peft|trl|bitsandbytes|accelerate)(\..*)?")
+
+
+def _load(args):
+    """The recipe named on the command line, or None after printing every problem (exit code 2)."""
+    from .recipe import RecipeError, load_recipe
+
+    try:
+        return load_recipe(args.recipe, args.overrides)
+    except RecipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None
+
+
+def cmd_validate(args) -> int:
+    """Check a recipe without loading any weights; print it resolved."""
+    if args.keys:
+        from .recipe import SECTIONS, section_keys
+
+        for name in SECTIONS:
+            print(f"{name}:")
+            for key, typ, default, origin in section_keys(name):
+                print(f"  {key}: {typ} = {default!r}  [{origin}]")
+        return 0
+    if args.recipe is None:
+        print("error: validate needs a RECIPE (or --keys)", file=sys.stderr)
+        return 2
+    recipe = _load(args)
+    if recipe is None:
+        return 2
+    print(recipe.to_yaml(), end="")
+    print(f"# {args.recipe}: OK (stage {recipe.train.stage}, template {recipe.template}, {recipe.quant.bits}-bit)")
+    return 0
+
+
+def cmd_sft(args) -> int:
+    """Train: stage 1 (projector alignment) or stage 2 (LoRA + projector), as the recipe says."""
+    recipe = _load(args)
+    if recipe is None:
+        return 2
+    from .data import DataError
+    from .modeling import ModelError
+    from .training import train
+
+    if recipe.demo is not None:
+        from .demo import prepare_demo
+
+        prepare_demo(recipe)
+    try:
+        result = train(recipe)
+    except (DataError, ModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    losses = result.losses
+    if losses:
+        print(f"loss: {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} logged steps")
+    print(f"run folder: {result.output_dir}")
+    if recipe.demo is not None and recipe.data.eval:
+        from .demo import evaluate_demo
+
+        metrics = evaluate_demo(result.model, result.processor, recipe.data.eval[0], recipe.data.image_folder,
+                                template=recipe.template, image_aspect_ratio=recipe.data.image_aspect_ratio)
+        for ex in metrics["examples"][:3]:
+            print(f"  {ex['id']}: expected {ex['expected']!r}, answered {ex['answer']!r}")
+        print(f"held-out accuracy: {metrics['accuracy']:.3f} ({metrics['correct']}/{metrics['total']}, "
+              f"colour and shape both right; chance is 1/12)")
+    return 0
+
+
+# Subcommand -> (function, one-line help, argument setup). Later commands slot in here:
+#   "merge":  export.merge            (LoRA + projector into a llava-hf / original LLaVA checkpoint)
+#   "chat":   inference.chat          (interactive, streamed)
+#   "generate": inference.generate    (batched answers for LLaVA eval files)
+#   "data":   data check              (validate a dataset, dump masks)
+#   "plan":   planner.plan            (peak-memory estimate for a recipe on a GPU size)
+#   "report": training.report         (summary table and loss plot of a run folder)
+def _recipe_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
+    p.add_argument("recipe", nargs="?" if optional else None, help="path to a YAML recipe (see recipes/)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="override recipe values, e.g. train.max_steps=50 lora.r=16")
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[argparse.ArgumentParser], None]]] = {
+    "sft": (cmd_sft, "train a recipe (stage 1 or stage 2)", _recipe_args),
+    "validate": (
+        cmd_validate,
+        "check a recipe and print it resolved; loads no weights",
+        lambda p: (_recipe_args(p, optional=True),
+                   p.add_argument("--keys", action="store_true", help="list every valid key of every section")),
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lora-llava",
+        description="Fine-tune LLaVA-1.5 with QLoRA: stage 1 (projector alignment) and stage 2 (visual instruction "
+                    "tuning) on one GPU.",
+        epilog="Example: lora-llava sft recipes/demo.yaml train.max_steps=50",
+    )
+    parser.add_argument("--version", action="version", version=f"lora-llava {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show debug logs and library warnings")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (func, help_, setup) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=func.__doc__)
+        setup(p)
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,76 @@
+"""Images: safe paths under the image folder, decoding with guards, RGB, LLaVA-1.5's pad-to-square."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+from PIL import Image
+
+__all__ = ["CLIP_MEAN", "ImageError", "expand_to_square", "load_image", "resolve_image_path"]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+"""The CLIP processor's mean colour: LLaVA-1.5 pads with it (``image_aspect_ratio: pad``)."""
+MAX_PIXELS = 64_000_000
+"""Images larger than this are refused (decompression-bomb guard); a 336 px model never needs more."""
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names the path."""
+
+
+def resolve_image_path(root: str | Path | None, relative: str) -> Path:
+    """``root / relative``, refusing anything that would leave ``root`` (``..``, absolute paths, symlinks out)."""
+    if root is None:
+        raise ImageError(f"image '{relative}' needs data.image_folder to be set")
+    root = Path(root).resolve()
+    path = (root / relative).resolve()
+    if path != root and root not in path.parents:
+        raise ImageError(f"image path '{relative}' leaves the image folder '{root}'")
+    return path
+
+
+def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """Paste ``image`` centred on a square of colour ``fill`` (LLaVA-1.5 ``pad``)."""
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    out = Image.new(image.mode, (side, side), fill)
+    out.paste(image, ((side - w) // 2, (side - h) // 2))
+    return out
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent pixels over white, as a person viewing the image sees them.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+def load_image(root: str | Path | None, relative: str, aspect: str = "pad",
+               mean: tuple[float, float, float] = CLIP_MEAN) -> Image.Image:
+    """Open an image under ``root`` as RGB, padded to a square when ``aspect == "pad"``."""
+    path = resolve_image_path(root, relative)
+    if not path.is_file():
+        raise ImageError(f"image '{relative}' not found (looked at '{path}')")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_PIXELS:
+                    raise ImageError(f"image '{relative}' is {im.width}x{im.height}, over the {MAX_PIXELS} pixel limit")
+                im.load()
+                image = _to_rgb(im)
+    except ImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ImageError(f"image '{relative}' cannot be decoded ({e})") from None
+    if aspect == "pad":
+        image = expand_to_square(image, tuple(int(c * 255) for c in mean))
+    return image

@@ -1,0 +1,123 @@
+"""Readers: LLaVA JSON / JSONL files and Python records, into one :class:`Sample` type.
+
+Every record is checked here, before any tokenization, and a bad one raises :class:`DataError` naming the file, the
+record and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .templates import IMAGE_TAG
+
+__all__ = ["DataError", "Sample", "iter_file", "read_records", "sample_from_record"]
+
+_ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
+
+
+class DataError(ValueError):
+    """A bad record or file. The message names the file, record index (0-based) and field."""
+
+
+@dataclasses.dataclass
+class Sample:
+    """One training sample: alternating human / gpt turns and the images its ``<image>`` tags refer to."""
+
+    id: str
+    turns: list[tuple[str, str]]
+    images: list[str] = dataclasses.field(default_factory=list)
+    where: str = ""
+    """``file, record N`` for error messages."""
+
+
+def _where(path: str | None, index: int) -> str:
+    return f"{path}, record {index}" if path else f"record {index}"
+
+
+def sample_from_record(record: Any, index: int, path: str | None = None) -> Sample:
+    """Check one LLaVA-format record and turn it into a :class:`Sample`."""
+    where = _where(path, index)
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected an object with 'conversations', got {type(record).__name__}")
+    convs = record.get("conversations")
+    if convs is None:
+        raise DataError(f"{where}: field 'conversations' is missing")
+    if not isinstance(convs, list) or not convs:
+        raise DataError(f"{where}: field 'conversations' must be a non-empty list")
+    turns: list[tuple[str, str]] = []
+    for j, turn in enumerate(convs):
+        field = f"conversations[{j}]"
+        if not isinstance(turn, dict):
+            raise DataError(f"{where}: {field} must be an object with 'from' and 'value'")
+        role = turn.get("from")
+        value = turn.get("value")
+        if role not in _ROLES:
+            raise DataError(f"{where}: {field}.from is {role!r}; expected 'human' or 'gpt'")
+        if not isinstance(value, str):
+            raise DataError(f"{where}: {field}.value must be a string, got {type(value).__name__}")
+        role = _ROLES[role]
+        expected = "human" if j % 2 == 0 else "gpt"
+        if role != expected:
+            raise DataError(f"{where}: {field}.from is '{turn.get('from')}' but turns must alternate human/gpt "
+                            f"starting with human (expected '{expected}')")
+        if role == "gpt" and not value.strip():
+            raise DataError(f"{where}: {field}.value is an empty answer")
+        turns.append((role, value))
+    if turns[-1][0] != "gpt":
+        raise DataError(f"{where}: the conversation ends on a human turn (its last question has no answer)")
+    image = record.get("image")
+    if image is None:
+        images: list[str] = []
+    elif isinstance(image, str):
+        images = [image]
+    elif isinstance(image, list) and all(isinstance(i, str) for i in image):
+        images = list(image)
+    else:
+        raise DataError(f"{where}: field 'image' must be a path or a list of paths")
+    tags = sum(value.count(IMAGE_TAG) for _, value in turns)
+    if images and tags == 0:
+        # LLaVA's data puts the tag in the first question; a record without it gets one, as the reference does.
+        role, value = turns[0]
+        turns[0] = (role, IMAGE_TAG * len(images) + "\n" + value)
+        tags = len(images)
+    if tags != len(images):
+        raise DataError(f"{where}: the text has {tags} '<image>' tag(s) but field 'image' gives {len(images)} image(s)")
+    if any(IMAGE_TAG in value for role, value in turns if role == "gpt"):
+        raise DataError(f"{where}: an answer contains '<image>'; images belong in human turns")
+    sid = record.get("id", index)
+    return Sample(id=str(sid), turns=turns, images=images, where=where)
+
+
+def iter_file(path: Path) -> Iterator[tuple[int, Any]]:
+    """(index, raw record) of a JSON list or JSONL file; malformed JSON raises DataError with line and column."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno - 1, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: line {lineno} is not valid JSON ({e.msg}, column {e.colno})") from None
+        return
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+    yield from enumerate(data)
+
+
+def read_records(paths: Iterable[str | Path]) -> Iterator[Sample]:
+    """Samples of one or more LLaVA JSON (a list) or JSONL (one record a line) files, in order."""
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"{path}: data file does not exist")
+        for index, record in iter_file(path):
+            yield sample_from_record(record, index, str(path))

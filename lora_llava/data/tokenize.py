@@ -1,0 +1,91 @@
+"""Sample -> ``input_ids`` / ``labels`` the way LLaVA-1.5 trains on them.
+
+As in the reference, the prompt string is tokenized as whole pieces between ``<image>`` tags (BOS once, at the very
+start), and each tag becomes the model's image token repeated once per image feature (576 for CLIP-L/336).
+Labels come from character offsets: a token is supervised when it overlaps an answer segment of the template (the
+answer and the separator that closes it). Everything else, BOS, system, questions, role headers, image tokens, is
+-100. A sample with no supervised token left is an error (or a counted skip), never silently trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .sources import Sample
+from .templates import IMAGE_TAG, Template
+
+IGNORE_INDEX = -100
+
+__all__ = ["IGNORE_INDEX", "Encoded", "SampleTooLong", "encode_prompt", "encode_sample"]
+
+
+class SampleTooLong(ValueError):
+    """A sample that cannot fit ``max_length`` without cutting image tokens or every supervised token."""
+
+
+@dataclasses.dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+
+def _encode_segments(tokenizer, segments: list[tuple[str, bool]], image_token_id: int,
+                     num_image_tokens: int) -> tuple[list[int], list[int]]:
+    text = "".join(t for t, _ in segments)
+    spans = []
+    pos = 0
+    for t, supervised in segments:
+        if supervised:
+            spans.append((pos, pos + len(t)))
+        pos += len(t)
+
+    ids: list[int] = []
+    labels: list[int] = []
+    offset = 0
+    chunks = text.split(IMAGE_TAG)
+    for k, chunk in enumerate(chunks):
+        if k > 0:
+            ids += [image_token_id] * num_image_tokens
+            labels += [IGNORE_INDEX] * num_image_tokens
+            offset += len(IMAGE_TAG)
+        enc = tokenizer(chunk, add_special_tokens=(k == 0), return_offsets_mapping=True)
+        for tid, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
+            start, end = start + offset, end + offset
+            # A zero-width token (BOS) is never supervised; any other token is when it overlaps an answer span.
+            sup = end > start and any(start < s_end and end > s_start for s_start, s_end in spans)
+            ids.append(tid)
+            labels.append(tid if sup else IGNORE_INDEX)
+        offset += len(chunk)
+    return ids, labels
+
+
+def encode_sample(sample: Sample, tokenizer, template: Template, image_token_id: int, num_image_tokens: int,
+                  max_length: int | None = None) -> Encoded:
+    """Token ids and labels of a sample; raises ValueError when nothing would be supervised.
+
+    Over ``max_length``, the sample is cut at the end only when the cut falls after its last image token and leaves
+    at least one supervised token; otherwise :class:`SampleTooLong` is raised (the caller drops and counts it).
+    """
+    segments = template.render(sample.turns)
+    ids, labels = _encode_segments(tokenizer, segments, image_token_id, num_image_tokens)
+    if all(lab == IGNORE_INDEX for lab in labels):
+        raise ValueError(f"{sample.where or sample.id}: no token of the answers is supervised")
+    truncated = False
+    if max_length is not None and len(ids) > max_length:
+        last_image = max((i for i, t in enumerate(ids) if t == image_token_id), default=-1)
+        if last_image >= max_length or all(lab == IGNORE_INDEX for lab in labels[:max_length]):
+            raise SampleTooLong(
+                f"{sample.where or sample.id}: {len(ids)} tokens > data.max_length {max_length}, and cutting would "
+                + ("split image tokens" if last_image >= max_length else "leave no supervised token")
+            )
+        ids, labels, truncated = ids[:max_length], labels[:max_length], True
+    return Encoded(ids, labels, truncated)
+
+
+def encode_prompt(turns: list[tuple[str, str]], tokenizer, template: Template, image_token_id: int,
+                  num_image_tokens: int) -> list[int]:
+    """Token ids of a generation prompt (conversation ending on a human turn), tokenized exactly as in training."""
+    segments = template.render(turns, add_generation_prompt=True)
+    ids, _ = _encode_segments(tokenizer, segments, image_token_id, num_image_tokens)
+    return ids

@@ -1,0 +1,188 @@
+"""The offline demo: a tiny random LLaVA and a generated "coloured shapes" dataset, through the real code path.
+
+The model is a real ``LlavaForConditionalGeneration`` (Llama text model, CLIP vision model, GELU projector) with the
+real Vicuna tokenizer, only small and randomly initialised; it is saved in the llava-hf layout and loaded back by
+the same code as a real checkpoint, 4-bit quantization included. The data are PNG files and a LLaVA-format JSON.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import random
+import re
+import shutil
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from .recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["COLOURS", "SHAPES", "evaluate_demo", "make_demo_model", "make_shapes_data", "prepare_demo",
+           "vicuna_tokenizer"]
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 30)}
+SHAPES = ("circle", "square", "triangle")
+QUESTIONS = (
+    "What is in the image?",
+    "What shape is shown, and what colour is it?",
+    "Describe the object in the picture.",
+    "What do you see?",
+)
+
+
+def vicuna_tokenizer():
+    """The real Llama-2 / Vicuna-v1.5 tokenizer (32,000 tokens), from the copy shipped in the package."""
+    from transformers import LlamaTokenizer
+
+    data = resources.files("lora_llava").joinpath("assets/llama2-tokenizer.json.gz").read_bytes()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tokenizer.json"
+        path.write_bytes(gzip.decompress(data))
+        return LlamaTokenizer(tokenizer_file=str(path))
+
+
+def make_demo_model(out_dir: str | Path, image_size: int = 48, seed: int = 0, hidden_size: int = 128) -> Path:
+    """Write a tiny random LLaVA-1.5-shaped model + processor in the llava-hf layout to ``out_dir``."""
+    import torch
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    out_dir = Path(out_dir)
+    tok = vicuna_tokenizer()
+    # As the llava-hf checkpoints do: <image> = 32000, <pad> = 32001, vocabulary padded to a multiple of 64.
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tok.add_special_tokens({"pad_token": "<pad>"})
+    patch = 8
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=image_size, patch_size=patch, projection_dim=64)
+    text = LlamaConfig(vocab_size=32064, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                       max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=tok.pad_token_id,
+                       # A trained LLM's head gives confident logits; a random one at the usual 0.02 scale cannot
+                       # (its largest logit margin stays near 1 with a frozen head), so the loss would barely move.
+                       initializer_range=0.1)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                         projector_hidden_act="gelu", vision_feature_layer=-2,
+                         vision_feature_select_strategy="default", image_seq_length=(image_size // patch) ** 2,
+                         pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               image_token="<image>")
+    tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=out_dir.parent if out_dir.parent.exists() else None))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(tmp), out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _draw(colour: str, shape: str, width: int, height: int, rng: random.Random) -> Image.Image:
+    bg = tuple(rng.randint(200, 255) for _ in range(3))
+    im = Image.new("RGB", (width, height), bg)
+    d = ImageDraw.Draw(im)
+    size = rng.randint(int(0.55 * min(width, height)), int(0.9 * min(width, height)))
+    x = rng.randint(0, width - size)
+    y = rng.randint(0, height - size)
+    fill = tuple(max(0, min(255, c + rng.randint(-25, 25))) for c in COLOURS[colour])
+    box = (x, y, x + size, y + size)
+    if shape == "circle":
+        d.ellipse(box, fill=fill)
+    elif shape == "square":
+        d.rectangle(box, fill=fill)
+    else:
+        d.polygon([(x + size / 2, y), (x, y + size), (x + size, y + size)], fill=fill)
+    return im
+
+
+def make_shapes_data(out_dir: str | Path, train_samples: int, eval_samples: int, image_size: int = 48,
+                     seed: int = 0) -> tuple[Path, Path]:
+    """Write PNG images of one coloured shape each and LLaVA-format ``train.json`` / ``eval.json``."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    splits = {}
+    for split, n in (("train", train_samples), ("eval", eval_samples)):
+        records = []
+        for i in range(n):
+            colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+            # Not square, so LLaVA-1.5's pad-to-square runs as it does on real photos.
+            w, h = image_size + rng.randint(0, image_size // 2), image_size
+            name = f"images/{split}_{i:05d}.png"
+            _draw(colour, shape, w, h, rng).save(out_dir / name)
+            question = rng.choice(QUESTIONS)
+            records.append({
+                "id": f"{split}-{i}",
+                "image": name,
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{question}"},
+                    {"from": "gpt", "value": f"A {colour} {shape}."},
+                ],
+            })
+        path = out_dir / f"{split}.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(records, indent=1), encoding="utf-8")
+        tmp.replace(path)
+        splits[split] = path
+    return splits["train"], splits["eval"]
+
+
+def prepare_demo(recipe: Recipe) -> None:
+    """Generate the demo model and data the recipe points at, where they are missing."""
+    demo = recipe.demo
+    model_dir = Path(recipe.model.llava)
+    if not (model_dir / "config.json").is_file():
+        logger.info("demo: writing a tiny random LLaVA to %s", model_dir)
+        make_demo_model(model_dir, image_size=demo.image_size, seed=demo.seed)
+    train_file = Path(recipe.data.train[0])
+    if not train_file.is_file():
+        logger.info("demo: writing %d + %d coloured-shape samples to %s", demo.train_samples, demo.eval_samples,
+                    train_file.parent)
+        make_shapes_data(train_file.parent, demo.train_samples, demo.eval_samples, demo.image_size, demo.seed)
+
+
+def _parse(answer: str) -> tuple[str | None, str | None]:
+    words = re.findall(r"[a-z]+", answer.lower())
+    colours = [w for w in words if w in COLOURS]
+    shapes = [w for w in words if w in SHAPES]
+    return (colours[0] if len(set(colours)) == 1 else None), (shapes[0] if len(set(shapes)) == 1 else None)
+
+
+def evaluate_demo(model, processor, eval_file: str | Path, image_folder: str | Path, template: str = "vicuna_v1",
+                  image_aspect_ratio: str = "pad") -> dict:
+    """Greedy answers on the held-out split; accuracy = colour and shape both right (and no other named)."""
+    from .inference import generate_answers
+
+    records = json.loads(Path(eval_file).read_text(encoding="utf-8"))
+    prompts = [[("human", r["conversations"][0]["value"])] for r in records]
+    answers = generate_answers(model, processor, prompts, [[r["image"]] for r in records], str(image_folder),
+                               template=template, image_aspect_ratio=image_aspect_ratio, max_new_tokens=8)
+    correct = 0
+    examples = []
+    for r, a in zip(records, answers):
+        truth = _parse(r["conversations"][1]["value"])
+        ok = _parse(a) == truth
+        correct += ok
+        if len(examples) < 5:
+            examples.append({"id": r["id"], "expected": r["conversations"][1]["value"], "answer": a, "correct": ok})
+    return {"accuracy": correct / len(records), "correct": correct, "total": len(records), "examples": examples}

@@ -1,0 +1,293 @@
+"""Recipe -> model, data, collator -> ``trl.SFTTrainer`` -> a run folder.
+
+TRL runs the loop; this module only wires the LLaVA pieces into it: the tokenized dataset, the multimodal collator,
+the projector's own learning rate, the progress bar, and what a run folder holds at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .data import LlavaCollator, LlavaDataset
+from .modeling import build_model, image_token_id, model_summary, num_image_tokens, projector_parameters
+from .recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TrainResult", "build_datasets", "sft_config", "train"]
+
+PROJECTOR_FILE = "projector.safetensors"
+ADAPTER_DIR = "adapter"
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`train` returns: the run folder, the trained model and processor, and the loss history."""
+
+    output_dir: Path
+    model: Any
+    processor: Any
+    losses: list[float]
+    summary: dict[str, Any]
+
+
+def sft_config(recipe: Recipe, model_dtype: torch.dtype):
+    """The ``trl.SFTConfig`` of the ``train`` section, with the fields lora-llava manages filled in."""
+    from trl import SFTConfig
+
+    t = recipe.train
+    ours = {"stage", "projector_lr"}
+    kwargs = {f.name: getattr(t, f.name) for f in dataclasses.fields(t) if f.name not in ours}
+    # TRL turns bf16 on by default; follow the model's dtype instead, so a CPU run stays in fp32.
+    upstream = type(t).upstream_defaults
+    if kwargs.get("bf16") == upstream.get("bf16") and kwargs.get("fp16") == upstream.get("fp16"):
+        kwargs["bf16"] = model_dtype == torch.bfloat16
+        kwargs["fp16"] = model_dtype == torch.float16
+    kwargs.update(
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,
+        disable_tqdm=True,  # our own bar shows loss and lr without printing a dict per step
+    )
+    return SFTConfig(**kwargs)
+
+
+def build_datasets(recipe: Recipe, processor, config) -> tuple[LlavaDataset, LlavaDataset | None]:
+    """Tokenized train (and eval) datasets for the model ``config``."""
+    d = recipe.data
+    common = dict(
+        tokenizer=processor.tokenizer,
+        template=recipe.template,
+        image_token_id=image_token_id(config),
+        num_image_tokens=num_image_tokens(config),
+        max_length=d.max_length,
+        image_folder=d.image_folder,
+        on_bad_sample=d.on_bad_sample,
+    )
+    train_ds = LlavaDataset.from_files(d.train, **common)
+    logger.info("train data: %s", train_ds.report.summary())
+    eval_ds = LlavaDataset.from_files(d.eval, **common) if d.eval else None
+    return train_ds, eval_ds
+
+
+def _trainer_class():
+    from trl import SFTTrainer
+
+    class LlavaSFTTrainer(SFTTrainer):
+        """SFTTrainer with the projector in parameter groups of its own learning rate."""
+
+        def __init__(self, *args, projector_lr: float | None = None, **kwargs):
+            self.projector_lr = projector_lr
+            super().__init__(*args, **kwargs)
+
+        def create_optimizer(self, model=None):
+            opt_model = self.model if model is None else model
+            if self.optimizer is None and self.projector_lr is not None:
+                decay = set(self.get_decay_parameter_names(opt_model))
+                projector = {n for n, _ in projector_parameters(opt_model)}
+                groups = []
+                for is_proj in (False, True):
+                    for wd in (True, False):
+                        params = [p for n, p in opt_model.named_parameters()
+                                  if p.requires_grad and (n in projector) == is_proj and (n in decay) == wd]
+                        if not params:
+                            continue
+                        group = {"params": params, "weight_decay": self.args.weight_decay if wd else 0.0}
+                        if is_proj:
+                            group["lr"] = self.projector_lr
+                        groups.append(group)
+                cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+                self.optimizer_cls_and_kwargs = (cls, {**kwargs, "params": groups})
+            return super().create_optimizer(model)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = answer_only_loss(model, inputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # num_items_in_batch counts every rank's tokens while DDP averages gradients across ranks.
+                loss = loss * self.accelerator.num_processes
+            return (loss, outputs) if return_outputs else loss
+
+    return LlavaSFTTrainer
+
+
+def answer_only_loss(model, inputs: dict, num_items_in_batch=None):
+    """Next-token cross-entropy computed on the supervised positions only.
+
+    The LM head runs on the hidden states of the positions whose next token is a target, so the full
+    (batch x length x 32k) logits are never built: on LLaVA's prompts most positions are image and prompt tokens.
+    (TRL's fused head does this with a Triton kernel on GPU but scores every position elsewhere, 3x slower on CPU.)
+    Returns (loss, a small output object with the loss and the number of target tokens).
+    """
+    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+    labels = inputs["labels"]
+    kwargs = {k: v for k, v in inputs.items() if k != "labels"}
+    hidden = llava.model(**kwargs, use_cache=False).last_hidden_state
+    targets = labels[:, 1:]
+    mask = targets != -100
+    logits = llava.lm_head(hidden[:, :-1][mask]).float()
+    loss = torch.nn.functional.cross_entropy(logits, targets[mask], reduction="sum")
+    n = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+    loss = loss / torch.as_tensor(n, device=loss.device).clamp(min=1)
+    return loss, {"loss": loss.detach(), "num_targets": int(mask.sum())}
+
+
+def _progress_callback():
+    from tqdm.auto import tqdm
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        """One bar for the run, with the latest loss and learning rate."""
+
+        bar = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                self.bar = tqdm(total=state.max_steps, desc="training", unit="step", dynamic_ncols=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.update(state.global_step - self.bar.n)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.bar is not None and logs:
+                shown = {k: f"{logs[k]:.4g}" for k in ("loss", "learning_rate", "eval_loss") if k in logs}
+                self.bar.set_postfix(shown, refresh=False)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+
+    return Progress()
+
+
+@contextlib.contextmanager
+def _atomic_path(final: Path):
+    """Yield a temporary sibling path; rename it onto ``final`` only if the block succeeds."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        yield tmp
+        if final.is_dir():
+            shutil.rmtree(final)
+        elif final.exists():
+            final.unlink()
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_atomic(final: Path, write) -> None:
+    """``write(tmp)`` then rename onto ``final``: a reader never sees half a file."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_run(output_dir: Path, recipe: Recipe, model, processor, trainer) -> None:
+    """Write what a run folder holds: recipe, adapter, projector, processor, trainer state, loss plot."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(output_dir / "recipe.yaml", lambda p: p.write_text(recipe.to_yaml(), encoding="utf-8"))
+    projector = {n.split(".multi_modal_projector.", 1)[-1]: p.detach().to("cpu", torch.float32).contiguous()
+                 for n, p in projector_parameters(model)}
+    projector = {f"multi_modal_projector.{k}": v for k, v in projector.items()}
+    _write_atomic(output_dir / PROJECTOR_FILE, lambda p: save_file(projector, str(p), metadata={"format": "pt"}))
+    if hasattr(model, "peft_config"):
+        with _atomic_path(output_dir / ADAPTER_DIR) as tmp:
+            model.save_pretrained(str(tmp), save_embedding_layers=False)
+    with _atomic_path(output_dir / "processor") as tmp:
+        processor.save_pretrained(str(tmp))
+    _write_atomic(output_dir / "trainer_state.json", lambda p: trainer.state.save_to_json(str(p)))
+    _write_atomic(output_dir / "loss.png", lambda p: plot_loss(trainer.state.log_history, p))
+
+
+def plot_loss(log_history: list[dict], path: Path) -> None:
+    """Training loss (and learning rate) against step, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in log_history if "loss" in h]
+    loss = [h["loss"] for h in log_history if "loss" in h]
+    lr = [h.get("learning_rate") for h in log_history if "loss" in h]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, loss, color="tab:blue", label="train loss")
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    if evals:
+        ax.plot(*zip(*evals), "o-", color="tab:orange", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if any(v is not None for v in lr):
+        ax2 = ax.twinx()
+        ax2.plot(steps, lr, color="tab:gray", alpha=0.5, linewidth=1, label="learning rate")
+        ax2.set_ylabel("learning rate")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def train(recipe: Recipe) -> TrainResult:
+    """Run a recipe end to end: setup, train, save. Returns a :class:`TrainResult`."""
+    from transformers import PrinterCallback, ProgressCallback, set_seed
+
+    set_seed(recipe.train.seed)
+    model, processor = build_model(recipe)
+    config = model.config
+    train_ds, eval_ds = build_datasets(recipe, processor, config)
+    args = sft_config(recipe, model.get_input_embeddings().weight.dtype)
+    collator = LlavaCollator(
+        image_processor=processor.image_processor,
+        pad_token_id=processor.tokenizer.pad_token_id,
+        image_folder=recipe.data.image_folder,
+        image_aspect_ratio=recipe.data.image_aspect_ratio,
+        padding_free=recipe.data.padding_free,
+    )
+    trainer = _trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=train_ds.to_hf(),
+        eval_dataset=eval_ds.to_hf() if eval_ds is not None else None,
+        data_collator=collator,
+        processing_class=processor,
+        projector_lr=recipe.train.projector_lr if recipe.train.stage == 2 else None,
+    )
+    # TRL casts trainable parameters of a quantized model to bf16; keep fp32 master weights (mixed precision).
+    for p in trainer.model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    trainer.remove_callback(ProgressCallback)
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(_progress_callback())
+    summary = model_summary(trainer.model)
+    logger.info(
+        "model: %s parameters, %s trainable (LoRA %s, projector %s); %d quantized modules; dtype %s; attention %s",
+        f"{summary['total']:,}", f"{summary['trainable']:,}", f"{summary['lora']:,}", f"{summary['projector']:,}",
+        summary["quantized_modules"], summary["dtype"], getattr(config, "_attn_implementation", "?"),
+    )
+    trainer.train()
+    out = Path(args.output_dir)
+    if trainer.is_world_process_zero():
+        save_run(out, recipe, trainer.model, processor, trainer)
+        report = json.dumps(dataclasses.asdict(train_ds.report), indent=1)
+        _write_atomic(out / "data_report.json", lambda p: p.write_text(report, encoding="utf-8"))
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return TrainResult(out, trainer.model, processor, losses, summary)
