@@ -83,7 +83,7 @@ def make_demo_model(out_dir: str | Path, image_size: int = 48, seed: int = 0, hi
                                          crop_size={"height": image_size, "width": image_size})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               image_token="<image>")
+                               image_token="<image>")  # noqa: S106 - a token, not a password
     tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=out_dir.parent if out_dir.parent.exists() else None))
     try:
         model.save_pretrained(tmp)

@@ -78,7 +78,9 @@ def quantization_config(recipe: Recipe, compute_dtype: torch.dtype):
     try:
         import bitsandbytes  # noqa: F401
     except Exception as e:  # noqa: BLE001 - a broken install raises anything
-        raise ModelError(f"quant.bits: {q.bits} needs a working bitsandbytes ({e}); install it or set quant.bits: 16")
+        raise ModelError(
+            f"quant.bits: {q.bits} needs a working bitsandbytes ({e}); install it or set quant.bits: 16"
+        ) from None
     from transformers import BitsAndBytesConfig
 
     kwargs = {f.name: getattr(q, f.name) for f in dataclasses.fields(q) if f.name != "bits"}
@@ -145,7 +147,9 @@ def lora_config(recipe: Recipe):
     if isinstance(targets, list):
         bad = [t for t in targets if t not in LORA_TARGETS]
         if bad:
-            raise ModelError(f"lora.target_modules: {bad} are not language-model projections; choose from {LORA_TARGETS}")
+            raise ModelError(
+                f"lora.target_modules: {bad} are not language-model projections; choose from {LORA_TARGETS}"
+            )
         # A regex over full names keeps LoRA off the vision tower (which also has q_proj/k_proj/v_proj).
         targets = rf"^model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(map(re.escape, targets))})$"
     return LoraConfig(target_modules=targets, **kwargs)

@@ -123,7 +123,7 @@ class DemoSection:
     """Only in the demo recipe: generate the tiny model and the coloured-shapes data when they are missing."""
 
     dir: str = "demo_data"
-    train_samples: int = 1200
+    train_samples: int = 2000
     eval_samples: int = 120
     image_size: int = 48
     seed: int = 0
@@ -419,7 +419,8 @@ class Recipe:
                 value = getattr(section, f.name)
                 if isinstance(value, enum.Enum):
                     value = value.value
-                keep = f.metadata.get("origin") in (None, "lora-llava") or f.name in getattr(section, "recipe_defaults", {})
+                ours = f.metadata.get("origin") in (None, "lora-llava")
+                keep = ours or f.name in getattr(section, "recipe_defaults", {})
                 if not full and not keep:
                     if f.name in upstream_defaults and _same(value, upstream_defaults[f.name]):
                         continue

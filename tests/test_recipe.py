@@ -98,7 +98,8 @@ def test_model_source_required(tmp_path):
 
 def test_overrides_and_scientific_notation(tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text(f"model: {{llava: x/y}}\ndata: {{train: {tmp_path / 'train.json'}}}\ntrain: {{learning_rate: 1e-4}}\n")
+    path.write_text(f"model: {{llava: x/y}}\ndata: {{train: {tmp_path / 'train.json'}}}\n"
+                    "train: {learning_rate: 1e-4}\n")
     (tmp_path / "train.json").write_text("[]")
     r = load_recipe(path, ["train.max_steps=50", "lora.r=16", "lora.target_modules=[q_proj, v_proj]",
                            "train.projector_lr=3e-5"])

@@ -15,7 +15,8 @@ IMG = 32000
 
 def _sample(*turns, images=()):
     roles = ["human", "gpt"]
-    return Sample(id="s", turns=[(roles[i % 2], t) for i, t in enumerate(turns)], images=list(images), where="t, record 0")
+    turns = [(roles[i % 2], t) for i, t in enumerate(turns)]
+    return Sample(id="s", turns=turns, images=list(images), where="t, record 0")
 
 
 def test_vicuna_v1_exact_string():
@@ -34,7 +35,7 @@ def test_llava_v0_string():
     segs = get_template("llava_v0").render(_sample("Hi", "Hello").turns)
     text = "".join(s for s, _ in segs)
     assert text.endswith("\n\n### Human: Hi\n### Assistant: Hello\n")
-    assert [s for s, sup in segs if sup] == ["Hello\n"]
+    assert [s for s, sup in segs if sup] == [" Hello\n"]
 
 
 def test_hand_checked_ids_and_labels(vicuna_tokenizer):
@@ -116,10 +117,12 @@ def test_image_tokens_spliced_and_masked(vicuna_tokenizer):
     assert enc.input_ids.count(1) == 1
 
 
-def test_plain_template_supervises_caption_and_newline(vicuna_tokenizer):
+@pytest.mark.parametrize("caption", ["a dog", "3 dogs on grass"])
+def test_plain_template_supervises_caption_and_newline(vicuna_tokenizer, caption):
     tok = vicuna_tokenizer
-    enc = encode_sample(_sample("Describe.\n<image>", "a dog"), tok, get_template("plain"), IMG, 3)
-    assert enc.input_ids == [1, IMG, IMG, IMG] + tok("a dog\n", add_special_tokens=False).input_ids
+    enc = encode_sample(_sample("Describe.\n<image>", caption), tok, get_template("plain"), IMG, 3)
+    assert enc.input_ids == [1, IMG, IMG, IMG] + tok(caption + "\n", add_special_tokens=False).input_ids
+    # Reference (preprocess_plain): everything after BOS + image is supervised, the leading "▁" included.
     assert enc.labels[:4] == [IGNORE_INDEX] * 4 and enc.labels[4:] == enc.input_ids[4:]
 
 
@@ -146,6 +149,23 @@ def test_truncation_keeps_images_and_a_supervised_token(vicuna_tokenizer):
 
 
 def test_no_supervised_token_is_an_error(vicuna_tokenizer):
-    tmpl = get_template("plain")
-    with pytest.raises(ValueError, match="no token of the answers is supervised"):
-        encode_sample(_sample("<image>", ""), vicuna_tokenizer, tmpl, IMG, 2)
+    from lora_llava.data import Template
+
+    broken = Template("broken", lambda t, turns, gen: [("".join(v for _, v in turns), False)])
+    with pytest.raises(ValueError, match="t, record 0: no token of the answers is supervised"):
+        encode_sample(_sample("Hi", "Hello"), vicuna_tokenizer, broken, IMG, 2)
+
+
+def test_custom_template_registration():
+    from lora_llava.data import TEMPLATES, Template, register_template
+
+    t = Template("mine", lambda t, turns, gen: [(turns[0][1] + " => ", False), (turns[1][1] + "</s>", True)])
+    register_template(t)
+    try:
+        assert get_template("mine") is t
+        with pytest.raises(ValueError, match="exists"):
+            register_template(t)
+    finally:
+        TEMPLATES.pop("mine")
+    with pytest.raises(ValueError, match="unknown template 'mine'; known: llava_v0, plain, vicuna_v1"):
+        get_template("mine")

@@ -69,8 +69,10 @@ def _render_vicuna_v1(t: Template, turns: list[Turn], add_generation_prompt: boo
         if a is None:
             segments.append((head + f"{user}: {q} {assistant}:", False))
             break
-        segments.append((head + f"{user}: {q} {assistant}: ", False))
-        segments.append((a + "</s>", True))
+        # The space after "ASSISTANT:" belongs to the answer: generation starts right after the colon, so the model
+        # must learn to emit it (a lone "▁" token before digits, say), as the reference's masking supervises it.
+        segments.append((head + f"{user}: {q} {assistant}:", False))
+        segments.append((" " + a + "</s>", True))
         head = ""
     return segments
 
@@ -96,8 +98,8 @@ def _render_llava_v0(t: Template, turns: list[Turn], add_generation_prompt: bool
         if a is None:
             segments.append((head + f"### {human}: {q}\n### {assistant}:", False))
             break
-        segments.append((head + f"### {human}: {q}\n### {assistant}: ", False))
-        segments.append((a + "\n", True))
+        segments.append((head + f"### {human}: {q}\n### {assistant}:", False))
+        segments.append((" " + a + "\n", True))
         head = ""
     return segments
 

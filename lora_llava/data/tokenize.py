@@ -52,8 +52,12 @@ def _encode_segments(tokenizer, segments: list[tuple[str, bool]], image_token_id
         enc = tokenizer(chunk, add_special_tokens=(k == 0), return_offsets_mapping=True)
         for tid, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
             start, end = start + offset, end + offset
-            # A zero-width token (BOS) is never supervised; any other token is when it overlaps an answer span.
-            sup = end > start and any(start < s_end and end > s_start for s_start, s_end in spans)
+            # A token is supervised when it overlaps an answer span; a zero-width one (the "▁" SentencePiece puts at
+            # the start of a piece) when it sits inside one. BOS sits at 0, before any answer.
+            if end > start:
+                sup = any(start < s_end and end > s_start for s_start, s_end in spans)
+            else:
+                sup = any(s_start <= start < s_end for s_start, s_end in spans)
             ids.append(tid)
             labels.append(tid if sup else IGNORE_INDEX)
         offset += len(chunk)

@@ -1,0 +1,83 @@
+"""Model assembly: what is quantized, what trains in each stage, the projector's learning rate."""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from lora_llava.modeling import ModelError, build_model, choose_attention, model_summary
+from lora_llava.recipe import recipe_from_dict
+
+
+def _recipe(tiny_recipe, **train):
+    raw = {k: dict(v) for k, v in tiny_recipe.items()}
+    raw["train"].update(train)
+    return recipe_from_dict(raw)
+
+
+def test_only_language_model_linears_are_4bit(tiny_recipe):
+    model, _ = build_model(_recipe(tiny_recipe))
+    four_bit = sorted(n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit))
+    assert four_bit, "nothing was quantized"
+    assert all(".language_model.layers." in n for n in four_bit)
+    # 2 layers x (q, k, v, o, gate, up, down)
+    assert len(four_bit) == 14
+    for n, m in model.named_modules():
+        if "vision_tower" in n or "multi_modal_projector" in n or n.endswith("lm_head"):
+            assert not isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)), n
+    assert model_summary(model)["quantized_modules"] == 14
+
+
+def test_stage2_trainable_set_is_lora_and_projector(tiny_recipe):
+    model, _ = build_model(_recipe(tiny_recipe))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    lora = {n for n in trainable if "lora_" in n}
+    projector = {n for n in trainable if "multi_modal_projector" in n}
+    assert trainable == lora | projector
+    assert len(projector) == 4  # linear_1/2 weight + bias
+    assert all(".language_model.layers." in n for n in lora)
+    targets = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora}
+    assert targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_stage1_trains_only_the_projector(tiny_recipe):
+    model, _ = build_model(_recipe(tiny_recipe, stage=1))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"model.multi_modal_projector.linear_1.weight", "model.multi_modal_projector.linear_1.bias",
+                         "model.multi_modal_projector.linear_2.weight", "model.multi_modal_projector.linear_2.bias"}
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+
+
+def test_sixteen_bit_means_no_quantization(tiny_recipe):
+    raw = {k: dict(v) for k, v in tiny_recipe.items()}
+    raw["quant"] = {"bits": 16}
+    model, _ = build_model(recipe_from_dict(raw))
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+def test_lora_targets_outside_language_model_refused(tiny_recipe):
+    raw = {k: dict(v) for k, v in tiny_recipe.items()}
+    raw["lora"]["target_modules"] = ["q_proj", "fc1"]
+    with pytest.raises(ModelError, match=r"lora.target_modules: \['fc1'\]"):
+        build_model(recipe_from_dict(raw))
+
+
+def test_missing_checkpoint_is_named(tiny_recipe, tmp_path):
+    raw = {k: dict(v) for k, v in tiny_recipe.items()}
+    raw["model"]["llava"] = str(tmp_path / "nowhere")
+    with pytest.raises(ModelError, match=r"model.llava: '.*nowhere' does not exist"):
+        build_model(recipe_from_dict(raw))
+    (tmp_path / "empty").mkdir()
+    raw["model"]["llava"] = str(tmp_path / "empty")
+    with pytest.raises(ModelError, match="has no config.json"):
+        build_model(recipe_from_dict(raw))
+
+
+def test_flash_attention_without_flash_attn_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU machine may have flash-attn")
+    with pytest.raises(ModelError, match="flash_attention_2 asked but"):
+        choose_attention("flash_attention_2")
+    assert choose_attention("auto") == "sdpa"
