@@ -24,6 +24,7 @@ __all__ = [
     "build_model",
     "choose_attention",
     "load_llava",
+    "load_projector",
     "lora_config",
     "model_summary",
     "num_image_tokens",
@@ -190,6 +191,9 @@ def build_model(recipe: Recipe) -> tuple[Any, Any]:
                          "use model.llava with a llava-hf checkpoint")
     if processor.tokenizer.pad_token_id is None:
         raise ModelError(f"the tokenizer of '{recipe.model.llava}' has no pad token; llava-hf checkpoints add <pad>")
+    if recipe.model.projector is not None:
+        load_projector(model, recipe.model.projector)
+        logger.info("projector loaded from %s", recipe.model.projector)
     return apply_stage(model, recipe), processor
 
 
@@ -211,3 +215,53 @@ def model_summary(model) -> dict[str, Any]:
     dtype = next((p.dtype for n, p in model.named_parameters() if "vision_tower" in n), None)
     return {"total": total, "trainable": trainable, "lora": lora, "projector": projector,
             "other_trainable": trainable - lora - projector, "quantized_modules": quantized, "dtype": str(dtype)}
+
+
+def _read_projector(path: str) -> dict[str, torch.Tensor]:
+    """Projector weights as ``linear_1/linear_2`` tensors from a run folder, a safetensors file or mm_projector.bin."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "projector.safetensors"
+    if not p.is_file():
+        raise ModelError(f"model.projector: '{path}' does not exist (expected a run folder with projector.safetensors, "
+                         "a .safetensors file or LLaVA's mm_projector.bin)")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        raw = load_file(str(p))
+    else:
+        # The reference saves mm_projector.bin with torch.save; never unpickle arbitrary objects from it.
+        try:
+            raw = torch.load(str(p), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+            raise ModelError(f"model.projector: '{path}' is not a tensor file ({e})") from None
+    # Ours: multi_modal_projector.linear_{1,2}; the reference's: model.mm_projector.{0,2}.
+    names = {"linear_1": ("multi_modal_projector.linear_1.", "mm_projector.0."),
+             "linear_2": ("multi_modal_projector.linear_2.", "mm_projector.2.")}
+    out = {}
+    for key, tensor in raw.items():
+        for target, prefixes in names.items():
+            for prefix in prefixes:
+                if prefix in key:
+                    out[f"{target}.{key.split(prefix, 1)[1]}"] = tensor
+    expected = {f"linear_{i}.{w}" for i in (1, 2) for w in ("weight", "bias")}
+    if set(out) != expected:
+        raise ModelError(f"model.projector: '{path}' holds {sorted(raw)[:6]}, not a 2-layer LLaVA projector")
+    return out
+
+
+def load_projector(model, path: str) -> None:
+    """Copy projector weights from ``path`` into ``model``; shapes must match (a 7B projector does not fit 13B)."""
+    weights = _read_projector(path)
+    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+    projector = llava.model.multi_modal_projector
+    state = projector.state_dict()
+    for key, tensor in weights.items():
+        if tuple(tensor.shape) != tuple(state[key].shape):
+            raise ModelError(
+                f"model.projector: '{path}' has {key} of shape {tuple(tensor.shape)}, but this model needs "
+                f"{tuple(state[key].shape)} (a projector trained for another LLM or vision tower?)"
+            )
+    with torch.no_grad():
+        for key, tensor in weights.items():
+            state[key].copy_(tensor.to(state[key].dtype))

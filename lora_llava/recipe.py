@@ -90,7 +90,8 @@ class ModelSection:
     vision_tower: str | None = "openai/clip-vit-large-patch14-336"
     """CLIP vision checkpoint when assembling from parts (frozen in both stages)."""
     projector: str | None = None
-    """Stage-1 projector for stage 2: a lora-llava run folder or the reference's ``mm_projector.bin``."""
+    """Projector weights to start from (stage 2 after stage 1): a lora-llava run folder, its ``projector.safetensors``,
+    or the reference's ``mm_projector.bin``."""
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Dtype of unquantized weights and compute; ``auto`` = bf16 on a GPU that has it, fp16 on one that does not,
@@ -115,14 +116,12 @@ class DataSection:
     padding_free: bool = False
     """Flatten each batch into one row with restarting ``position_ids`` (flash-attn varlen); no padding at all."""
     on_bad_sample: Literal["error", "skip"] = "error"
-    num_proc: int | None = None
 
 
 @dataclasses.dataclass
 class DemoSection:
     """Only in the demo recipe: generate the tiny model and the coloured-shapes data when they are missing."""
 
-    dir: str = "demo_data"
     train_samples: int = 2000
     eval_samples: int = 120
     image_size: int = 48
@@ -217,8 +216,9 @@ _TRAIN_DEFAULTS: dict[str, Any] = {
     "lr_scheduler_type": "cosine",
     "warmup_steps": 0.03,
     "weight_decay": 0.0,
-    "gradient_checkpointing": True,
-    "gradient_checkpointing_kwargs": {"use_reentrant": False},
+    # transformers 5 names (gradient_checkpointing* are deprecated aliases); non-reentrant works with frozen inputs.
+    "activation_checkpointing": True,
+    "activation_checkpointing_kwargs": {"use_reentrant": False},
     "logging_steps": 1,
     "report_to": "none",
     "save_strategy": "no",
@@ -518,8 +518,10 @@ def _cross_checks(r: Recipe, check_files: bool = True) -> list[str]:
         p.append("model.vision_tower: required with model.llm")
     if not r.data.train:
         p.append("data.train: no training data given (a LLaVA JSON / JSONL file or a list of them)")
-    if r.train.stage == 1 and r.template not in ("plain",) and r.data.template != "auto":
-        pass  # a stage-1 run on a chat template is unusual but legitimate (LLaVA v0 did it)
+    if r.train.stage == 1 and r.quant.bits != 16:
+        # transformers' Trainer refuses to train a quantized model that has no adapters attached, and stage 1 has
+        # none (the projector is a full module).
+        p.append(f"quant.bits: {r.quant.bits} with train.stage 1 is not supported yet; use quant.bits: 16 for stage 1")
     if r.data.max_length < 8:
         p.append(f"data.max_length: {r.data.max_length} is too small to hold a prompt and an answer")
     if r.lora.r <= 0:

@@ -43,7 +43,10 @@ def test_stage2_trainable_set_is_lora_and_projector(tiny_recipe):
 
 
 def test_stage1_trains_only_the_projector(tiny_recipe):
-    model, _ = build_model(_recipe(tiny_recipe, stage=1))
+    raw = {k: dict(v) for k, v in tiny_recipe.items()}
+    raw["train"]["stage"] = 1
+    raw["quant"] = {"bits": 16}
+    model, _ = build_model(recipe_from_dict(raw))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"model.multi_modal_projector.linear_1.weight", "model.multi_modal_projector.linear_1.bias",
                          "model.multi_modal_projector.linear_2.weight", "model.multi_modal_projector.linear_2.bias"}

@@ -32,8 +32,13 @@ def test_defaults_are_llava15_stage2(tmp_path):
 
 
 def test_stage1_defaults_to_plain_template(tmp_path):
-    r = recipe_from_dict(_minimal(tmp_path, train={"stage": 1}))
+    r = recipe_from_dict(_minimal(tmp_path, train={"stage": 1}, quant={"bits": 16}))
     assert r.template == "plain"
+
+
+def test_stage1_quantized_is_refused_early(tmp_path):
+    with pytest.raises(RecipeError, match="quant.bits: 4 with train.stage 1 is not supported yet"):
+        recipe_from_dict(_minimal(tmp_path, train={"stage": 1}))
 
 
 def test_upstream_fields_pass_through(tmp_path):
