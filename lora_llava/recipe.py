@@ -299,8 +299,6 @@ def _upstream_fields(cls: type) -> list[tuple[str, Any, Any]]:
         default = None if p.default is inspect.Parameter.empty else p.default
         # BitsAndBytesConfig has no annotations: the type follows the default; None-defaults take a dtype name.
         typ = type(default) if default is not None else (str | None)
-        if typ is float:
-            typ = float
         out.append((p.name, typ, default))
     return out
 

@@ -204,9 +204,9 @@ def save_run(output_dir: Path, recipe: Recipe, model, processor, trainer) -> Non
     """Write what a run folder holds: recipe, adapter, projector, processor, trainer state, loss plot."""
     output_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(output_dir / "recipe.yaml", lambda p: p.write_text(recipe.to_yaml(), encoding="utf-8"))
-    projector = {n.split(".multi_modal_projector.", 1)[-1]: p.detach().to("cpu", torch.float32).contiguous()
-                 for n, p in projector_parameters(model)}
-    projector = {f"multi_modal_projector.{k}": v for k, v in projector.items()}
+    # Keys as in the llava-hf model (multi_modal_projector.linear_1.weight ...), whatever wraps the model.
+    projector = {"multi_modal_projector." + n.split(".multi_modal_projector.", 1)[-1]:
+                 p.detach().to("cpu", torch.float32).contiguous() for n, p in projector_parameters(model)}
     _write_atomic(output_dir / PROJECTOR_FILE, lambda p: save_file(projector, str(p), metadata={"format": "pt"}))
     if hasattr(model, "peft_config"):
         with _atomic_path(output_dir / ADAPTER_DIR) as tmp:

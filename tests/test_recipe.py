@@ -142,7 +142,9 @@ def test_resolved_recipe_round_trips(tmp_path):
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_every_shipped_recipe_validates(path):
     text = path.read_text()
-    assert text.startswith("#") and "lora-llava sft" in text.splitlines()[1] + text.splitlines()[0] + text
+    head = [line for line in text.splitlines()[:4] if line.startswith("#")]
+    assert any(line.startswith("# Launch:") and f"lora-llava sft recipes/{path.name}" in line for line in head), head
+    assert any(line.startswith("# Override:") for line in head), head
     # Data files of the real recipes live on the user's disk: check everything but their existence.
     recipe = recipe_from_dict(yaml.safe_load(text), str(path), check_files=False)
     assert recipe.data.train
