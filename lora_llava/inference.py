@@ -26,6 +26,7 @@ def generate_answers(model, processor, prompts: list[list[tuple[str, str]]], ima
     pad_id = tok.pad_token_id
     mean = tuple(getattr(processor.image_processor, "image_mean", None) or CLIP_MEAN)
     device = next(p.device for p in model.parameters())
+    pixel_dtype = next(p.dtype for n, p in model.named_parameters() if "vision_tower" in n)
     was_training = model.training
     model.eval()
     answers: list[str] = []
@@ -45,8 +46,7 @@ def generate_answers(model, processor, prompts: list[list[tuple[str, str]]], ima
             if files:
                 pics = [load_image(image_folder, f, image_aspect_ratio, mean) for f in files]
                 pixel_values = processor.image_processor(images=pics, return_tensors="pt")["pixel_values"]
-                kwargs["pixel_values"] = pixel_values.to(device, next(
-                    p.dtype for n, p in model.named_parameters() if "vision_tower" in n))
+                kwargs["pixel_values"] = pixel_values.to(device, pixel_dtype)
             out = model.generate(
                 input_ids=input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                 do_sample=False, use_cache=True, pad_token_id=pad_id, eos_token_id=tok.eos_token_id, **kwargs,

@@ -31,6 +31,7 @@ __all__ = [
     "projector_parameters",
     "quantization_config",
     "resolve_dtype",
+    "trainable_to_fp32",
 ]
 
 UNQUANTIZED_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
@@ -123,7 +124,11 @@ def load_llava(recipe: Recipe) -> tuple[Any, Any]:
     path = recipe.model.llava
     _check_checkpoint(path, "model.llava")
     remote = recipe.model.trust_remote_code
-    config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
+    except OSError as e:
+        raise ModelError(f"model.llava: '{path}' is not a local folder and could not be loaded from the Hub ({e})"
+                         ) from None
     if config.model_type != "llava":
         raise ModelError(f"model.llava: '{path}' is a '{config.model_type}' checkpoint, not a llava-hf LLaVA")
     dtype = resolve_dtype(recipe.model.dtype)
@@ -175,11 +180,16 @@ def apply_stage(model, recipe: Recipe):
         model = get_peft_model(model, lora_config(recipe))
     for _, p in projector_parameters(model):
         p.requires_grad_(True)
-    for _, p in model.named_parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
+    trainable_to_fp32(model)
     model.config.use_cache = False
     return model
+
+
+def trainable_to_fp32(model) -> None:
+    """Keep trainable weights in fp32 (mixed precision's master weights); frozen weights keep their dtype."""
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def build_model(recipe: Recipe) -> tuple[Any, Any]:

@@ -338,14 +338,6 @@ def _field(default: Any, help_: str, origin: str) -> dataclasses.Field:
     return dataclasses.field(default=default, metadata=meta)
 
 
-def _copy(value: Any) -> Any:
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    return value
-
-
 def _sections() -> tuple[type, type, type]:
     from peft import LoraConfig
     from transformers import BitsAndBytesConfig
@@ -545,7 +537,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> tuple[dict[str
 
     Returns the new mapping and the problems with malformed overrides; unknown keys are caught by the recipe check.
     """
-    raw = _copy(raw or {})
+    raw = copy.deepcopy(raw or {})
     problems = []
     for item in overrides:
         if "=" not in item:

@@ -20,7 +20,14 @@ import torch
 from safetensors.torch import save_file
 
 from .data import LlavaCollator, LlavaDataset
-from .modeling import build_model, image_token_id, model_summary, num_image_tokens, projector_parameters
+from .modeling import (
+    build_model,
+    image_token_id,
+    model_summary,
+    num_image_tokens,
+    projector_parameters,
+    trainable_to_fp32,
+)
 from .recipe import Recipe
 
 logger = logging.getLogger(__name__)
@@ -271,9 +278,7 @@ def train(recipe: Recipe) -> TrainResult:
         projector_lr=recipe.train.projector_lr if recipe.train.stage == 2 else None,
     )
     # TRL casts trainable parameters of a quantized model to bf16; keep fp32 master weights (mixed precision).
-    for p in trainer.model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
+    trainable_to_fp32(trainer.model)
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_progress_callback())

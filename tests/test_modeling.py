@@ -76,6 +76,10 @@ def test_missing_checkpoint_is_named(tiny_recipe, tmp_path):
     raw["model"]["llava"] = str(tmp_path / "empty")
     with pytest.raises(ModelError, match="has no config.json"):
         build_model(recipe_from_dict(raw))
+    # Looks like a Hub id, is not on disk, and the Hub is out of reach (HF_HUB_OFFLINE in the tests).
+    raw["model"]["llava"] = "nobody-here/no-such-model"
+    with pytest.raises(ModelError, match="model.llava: 'nobody-here/no-such-model' is not a local folder"):
+        build_model(recipe_from_dict(raw))
 
 
 def test_flash_attention_without_flash_attn_is_a_clear_error():

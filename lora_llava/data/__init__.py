@@ -10,7 +10,7 @@ from typing import Any
 
 from .collator import LlavaCollator
 from .images import ImageError, load_image, resolve_image_path
-from .sources import DataError, Sample, iter_file, read_records, sample_from_record
+from .sources import DataError, Sample, iter_raw, read_records, sample_from_record
 from .templates import IMAGE_TAG, TEMPLATES, Template, get_template, register_template
 from .tokenize import IGNORE_INDEX, SampleTooLong, encode_prompt, encode_sample
 
@@ -99,15 +99,8 @@ class LlavaDataset:
     @classmethod
     def from_files(cls, paths: Iterable[str | Path], tokenizer, template: str | Template, **kwargs) -> LlavaDataset:
         """Read LLaVA JSON / JSONL files; see the class docstring for the keyword arguments."""
-        def lazy():
-            for path in paths:
-                path = Path(path)
-                if not path.is_file():
-                    raise DataError(f"{path}: data file does not exist")
-                for index, record in iter_file(path):
-                    yield _LazyRecord(record, index, str(path))
-
-        return cls(lazy(), tokenizer, template, **kwargs)
+        lazy = (_LazyRecord(record, index, path) for path, index, record in iter_raw(paths))
+        return cls(lazy, tokenizer, template, **kwargs)
 
     @classmethod
     def from_records(cls, records: Iterable[dict], tokenizer, template: str | Template, **kwargs) -> LlavaDataset:

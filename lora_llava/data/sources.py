@@ -14,7 +14,7 @@ from typing import Any
 
 from .templates import IMAGE_TAG
 
-__all__ = ["DataError", "Sample", "iter_file", "read_records", "sample_from_record"]
+__all__ = ["DataError", "Sample", "iter_file", "iter_raw", "read_records", "sample_from_record"]
 
 _ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
@@ -113,11 +113,17 @@ def iter_file(path: Path) -> Iterator[tuple[int, Any]]:
     yield from enumerate(data)
 
 
-def read_records(paths: Iterable[str | Path]) -> Iterator[Sample]:
-    """Samples of one or more LLaVA JSON (a list) or JSONL (one record a line) files, in order."""
+def iter_raw(paths: Iterable[str | Path]) -> Iterator[tuple[str, int, Any]]:
+    """(file, index, raw record) of one or more LLaVA JSON / JSONL files, in order; records are not checked yet."""
     for path in paths:
         path = Path(path)
         if not path.is_file():
             raise DataError(f"{path}: data file does not exist")
         for index, record in iter_file(path):
-            yield sample_from_record(record, index, str(path))
+            yield str(path), index, record
+
+
+def read_records(paths: Iterable[str | Path]) -> Iterator[Sample]:
+    """Samples of one or more LLaVA JSON (a list) or JSONL (one record a line) files, in order."""
+    for path, index, record in iter_raw(paths):
+        yield sample_from_record(record, index, path)
