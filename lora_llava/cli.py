@@ -27,12 +27,12 @@ def _setup_logging(verbose: bool = False) -> None:
         warnings.filterwarnings("ignore", module=r"(torch|transformers|peft|trl|bitsandbytes|accelerate)(\..*)?")
 
 
-def _load(args):
+def _load(args, check_files: bool = True):
     """The recipe named on the command line, or None after printing every problem (exit code 2)."""
     from .recipe import RecipeError, load_recipe
 
     try:
-        return load_recipe(args.recipe, args.overrides)
+        return load_recipe(args.recipe, args.overrides, check_files=check_files)
     except RecipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return None
@@ -93,12 +93,57 @@ def cmd_sft(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    """Estimate the peak GPU memory of a recipe from config shapes alone (no weights, no GPU needed).
+
+    Exit code 0 when it fits the GPU, 1 when it does not (the knobs that would make it fit are listed), 2 on a bad
+    recipe or unknown model shapes.
+    """
+    recipe = _load(args, check_files=False)
+    if recipe is None:
+        return 2
+    import torch
+
+    from .planner import GiB, PlanError, format_plan, plan, suggestions
+
+    if args.gpu_memory is not None:
+        gb, name = args.gpu_memory, "the given GPU"
+    elif torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gb, name = props.total_memory / GiB, props.name
+    else:
+        gb, name = 24.0, "an assumed consumer card (no GPU here; pass --gpu-memory)"
+    try:
+        estimate = plan(recipe, gb, seq_len=args.seq_len)
+    except PlanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_plan(recipe, estimate, args.recipe, name))
+    if estimate.fits:
+        return 0
+    fixes = [(o, p) for o, p in suggestions(recipe, gb, seq_len=args.seq_len) if p.fits]
+    if fixes:
+        print("these overrides would make it fit:")
+        for overrides, p in fixes:
+            print(f"  {overrides}   (needs {p.needed / GiB:.1f} GiB)")
+    else:
+        print("none of the knobs (alone or all together) makes it fit; a larger GPU or a smaller model is needed")
+    return 1
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    _recipe_args(p)
+    p.add_argument("--gpu-memory", type=float, metavar="GB",
+                   help="GPU memory in GiB (default: the GPU here, else 24)")
+    p.add_argument("--seq-len", type=int, metavar="N",
+                   help="plan for samples of N tokens instead of data.max_length (e.g. ~650 for stage-1 captions)")
+
+
 # Subcommand -> (function, one-line help, argument setup). Later commands slot in here:
 #   "merge":  export.merge            (LoRA + projector into a llava-hf / original LLaVA checkpoint)
 #   "chat":   inference.chat          (interactive, streamed)
 #   "generate": inference.generate    (batched answers for LLaVA eval files)
 #   "data":   data check              (validate a dataset, dump masks)
-#   "plan":   planner.plan            (peak-memory estimate for a recipe on a GPU size)
 #   "report": training.report         (summary table and loss plot of a run folder)
 def _recipe_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
     p.add_argument("recipe", nargs="?" if optional else None, help="path to a YAML recipe (see recipes/)")
@@ -108,6 +153,7 @@ def _recipe_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[argparse.ArgumentParser], None]]] = {
     "sft": (cmd_sft, "train a recipe (stage 1 or stage 2)", _recipe_args),
+    "plan": (cmd_plan, "estimate peak GPU memory of a recipe and whether it fits", _plan_args),
     "validate": (
         cmd_validate,
         "check a recipe and print it resolved; loads no weights",

@@ -13,6 +13,16 @@ from typing import Any
 
 import torch
 
+from .loading import (
+    UNQUANTIZED_MODULES,
+    ModelError,
+    choose_attention,
+    image_token_id,
+    load_model,
+    num_image_tokens,
+    quantization_config,
+    resolve_dtype,
+)
 from .recipe import Recipe
 
 logger = logging.getLogger(__name__)
@@ -23,7 +33,8 @@ __all__ = [
     "UNQUANTIZED_MODULES",
     "build_model",
     "choose_attention",
-    "load_llava",
+    "image_token_id",
+    "load_model",
     "load_projector",
     "lora_config",
     "model_summary",
@@ -34,113 +45,8 @@ __all__ = [
     "trainable_to_fp32",
 ]
 
-UNQUANTIZED_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
-"""Full module paths (transformers 5 names) that stay unquantized: a bare "multi_modal_projector" no longer matches."""
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _PROJECTOR = "multi_modal_projector"
-
-
-class ModelError(ValueError):
-    """A model that cannot be built as asked; the message names the path or key to change."""
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    """``model.dtype`` as a torch dtype; ``auto`` = bf16 on a GPU that has it, fp16 on one without, fp32 on CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    return getattr(torch, name)
-
-
-def choose_attention(name: str) -> str:
-    """The attention kernel: ``auto`` = flash_attention_2 when flash-attn and CUDA are there, else sdpa."""
-    has_flash = _flash_attn_available()
-    if name == "auto":
-        chosen = "flash_attention_2" if has_flash and torch.cuda.is_available() else "sdpa"
-        logger.info("attention kernel: %s (model.attn_implementation: auto)", chosen)
-        return chosen
-    if name == "flash_attention_2" and not (has_flash and torch.cuda.is_available()):
-        why = "flash-attn is not installed (pip install 'lora-llava[flash]')" if not has_flash else "there is no GPU"
-        raise ModelError(f"model.attn_implementation: flash_attention_2 asked but {why}; use sdpa or auto")
-    return name
-
-
-def _flash_attn_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("flash_attn") is not None
-
-
-def quantization_config(recipe: Recipe, compute_dtype: torch.dtype):
-    """A ``BitsAndBytesConfig`` for ``quant.bits`` 4 or 8 (None for 16) that quantizes the language model only."""
-    q = recipe.quant
-    if q.bits == 16:
-        return None
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - a broken install raises anything
-        raise ModelError(
-            f"quant.bits: {q.bits} needs a working bitsandbytes ({e}); install it or set quant.bits: 16"
-        ) from None
-    from transformers import BitsAndBytesConfig
-
-    kwargs = {f.name: getattr(q, f.name) for f in dataclasses.fields(q) if f.name != "bits"}
-    if kwargs.get("bnb_4bit_compute_dtype") in (None, "auto"):
-        kwargs["bnb_4bit_compute_dtype"] = compute_dtype
-    return BitsAndBytesConfig(
-        load_in_4bit=q.bits == 4,
-        load_in_8bit=q.bits == 8,
-        llm_int8_skip_modules=list(UNQUANTIZED_MODULES),
-        **kwargs,
-    )
-
-
-def num_image_tokens(config) -> int:
-    """Image tokens per image: (image size / patch size)^2, plus the CLS token with the ``full`` strategy."""
-    vc = config.vision_config
-    n = (vc.image_size // vc.patch_size) ** 2
-    return n + (1 if config.vision_feature_select_strategy == "full" else 0)
-
-
-def image_token_id(config) -> int:
-    value = getattr(config, "image_token_id", None)
-    return value if value is not None else config.image_token_index
-
-
-def _check_checkpoint(path: str, key: str) -> None:
-    p = Path(path)
-    looks_local = p.is_absolute() or path.startswith((".", "~")) or p.exists() or path.count("/") != 1
-    if looks_local and not p.exists():
-        raise ModelError(f"{key}: '{path}' does not exist")
-    if p.is_dir() and not (p / "config.json").is_file():
-        raise ModelError(f"{key}: '{path}' has no config.json; is it a model checkpoint folder?")
-
-
-def load_llava(recipe: Recipe) -> tuple[Any, Any]:
-    """Load a llava-hf checkpoint (``model.llava``) quantized as the recipe says. Returns (model, processor)."""
-    from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration
-
-    path = recipe.model.llava
-    _check_checkpoint(path, "model.llava")
-    remote = recipe.model.trust_remote_code
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
-    except OSError as e:
-        raise ModelError(f"model.llava: '{path}' is not a local folder and could not be loaded from the Hub ({e})"
-                         ) from None
-    if config.model_type != "llava":
-        raise ModelError(f"model.llava: '{path}' is a '{config.model_type}' checkpoint, not a llava-hf LLaVA")
-    dtype = resolve_dtype(recipe.model.dtype)
-    attn = choose_attention(recipe.model.attn_implementation)
-    bnb = quantization_config(recipe, dtype)
-    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
-    model = LlavaForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, quantization_config=bnb, attn_implementation=attn, device_map=device_map,
-        trust_remote_code=remote,
-    )
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=remote)
-    return model, processor
 
 
 def lora_config(recipe: Recipe):
@@ -173,11 +79,18 @@ def apply_stage(model, recipe: Recipe):
     trained, vision tower and everything else frozen. Trainable parameters are kept in fp32 (mixed precision keeps
     fp32 master weights); the frozen model is not upcast.
     """
+    from peft import get_peft_model
+
     model.requires_grad_(False)
     if recipe.train.stage == 2:
-        from peft import get_peft_model
-
         model = get_peft_model(model, lora_config(recipe))
+    elif getattr(model, "is_quantized", False):
+        # transformers' Trainer refuses a quantized model that is not a PeftModel. A PeftModel with no LoRA layers at
+        # all (peft's "dummy" targets) passes that check and changes nothing; the projector trains as a plain module.
+        from peft import LoraConfig
+        from peft.utils.constants import DUMMY_TARGET_MODULES
+
+        model = get_peft_model(model, LoraConfig(target_modules=DUMMY_TARGET_MODULES))
     for _, p in projector_parameters(model):
         p.requires_grad_(True)
     trainable_to_fp32(model)
@@ -193,14 +106,14 @@ def trainable_to_fp32(model) -> None:
 
 
 def build_model(recipe: Recipe) -> tuple[Any, Any]:
-    """The model to train (stage policy applied) and its processor, as the recipe says."""
-    if recipe.model.llava is not None:
-        model, processor = load_llava(recipe)
-    else:
-        raise ModelError("model.llm: assembling LLaVA from a Vicuna and a CLIP checkpoint is not available yet; "
-                         "use model.llava with a llava-hf checkpoint")
-    if processor.tokenizer.pad_token_id is None:
-        raise ModelError(f"the tokenizer of '{recipe.model.llava}' has no pad token; llava-hf checkpoints add <pad>")
+    """The model to train (stage policy applied) and its processor, as the recipe says.
+
+    The model comes from a llava-hf checkpoint, an original LLaVA checkpoint (converted on load) or is assembled from
+    ``model.llm`` + ``model.vision_tower``; ``model.projector`` then replaces the projector.
+    """
+    if recipe.model.projector is not None:
+        _read_projector(recipe.model.projector)  # a missing or malformed projector fails before any weights load
+    model, processor = load_model(recipe)
     if recipe.model.projector is not None:
         load_projector(model, recipe.model.projector)
         logger.info("projector loaded from %s", recipe.model.projector)
@@ -223,7 +136,9 @@ def model_summary(model) -> dict[str, Any]:
                 projector += n
     quantized = sum(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in model.modules())
     dtype = next((p.dtype for n, p in model.named_parameters() if "vision_tower" in n), None)
-    return {"total": total, "trainable": trainable, "lora": lora, "projector": projector,
+    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    return {"attention": getattr(config, "_attn_implementation", None) or "?", "total": total, "trainable": trainable,
+            "lora": lora, "projector": projector,
             "other_trainable": trainable - lora - projector, "quantized_modules": quantized, "dtype": str(dtype)}
 
 

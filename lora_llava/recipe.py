@@ -84,11 +84,13 @@ class ModelSection:
     """Where the weights come from and how the model runs."""
 
     llava: str | None = None
-    """A LLaVA checkpoint to start from: llava-hf layout (``llava-hf/llava-1.5-13b-hf``) or original LLaVA layout."""
+    """A LLaVA checkpoint to start from: llava-hf layout (``llava-hf/llava-1.5-13b-hf``) or original LLaVA layout
+    (``liuhaotian/llava-v1.5-13b``, converted on load)."""
     llm: str | None = None
     """Language model checkpoint (Vicuna / Llama) when assembling LLaVA from parts."""
-    vision_tower: str | None = "openai/clip-vit-large-patch14-336"
-    """CLIP vision checkpoint when assembling from parts (frozen in both stages)."""
+    vision_tower: str | None = None
+    """CLIP vision checkpoint (frozen in both stages). Unset: ``openai/clip-vit-large-patch14-336`` with ``model.llm``,
+    the checkpoint's ``mm_vision_tower`` for an original LLaVA checkpoint; a llava-hf checkpoint brings its own."""
     projector: str | None = None
     """Projector weights to start from (stage 2 after stage 1): a lora-llava run folder, its ``projector.safetensors``,
     or the reference's ``mm_projector.bin``."""
@@ -504,14 +506,8 @@ def _cross_checks(r: Recipe, check_files: bool = True) -> list[str]:
         p.append("model: set model.llava (a LLaVA checkpoint) or model.llm (+ model.vision_tower) to assemble one")
     if m.llava is not None and m.llm is not None:
         p.append("model: set either model.llava or model.llm, not both")
-    if m.llm is not None and not m.vision_tower:
-        p.append("model.vision_tower: required with model.llm")
     if not r.data.train:
         p.append("data.train: no training data given (a LLaVA JSON / JSONL file or a list of them)")
-    if r.train.stage == 1 and r.quant.bits != 16:
-        # transformers' Trainer refuses to train a quantized model that has no adapters attached, and stage 1 has
-        # none (the projector is a full module).
-        p.append(f"quant.bits: {r.quant.bits} with train.stage 1 is not supported yet; use quant.bits: 16 for stage 1")
     if r.data.max_length < 8:
         p.append(f"data.max_length: {r.data.max_length} is too small to hold a prompt and an answer")
     if r.lora.r <= 0:
@@ -560,7 +556,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> tuple[dict[str
     return raw, problems
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+def load_recipe(path: str | Path, overrides: list[str] | None = None, check_files: bool = True) -> Recipe:
     """Read a YAML recipe (safe-loaded), apply dotted overrides, and check it.
 
     Raises :class:`RecipeError` naming every problem, FileNotFoundError-style problems included.
@@ -577,7 +573,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise RecipeError([f"not valid YAML{where}: {getattr(e, 'problem', e)}"], source) from None
     raw, problems = apply_overrides(raw if isinstance(raw, dict) else {}, overrides or [])
     try:
-        recipe = recipe_from_dict(raw, source)
+        recipe = recipe_from_dict(raw, source, check_files=check_files)
     except RecipeError as e:
         raise RecipeError(problems + e.problems, source) from None
     if problems:

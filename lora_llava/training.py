@@ -215,7 +215,7 @@ def save_run(output_dir: Path, recipe: Recipe, model, processor, trainer) -> Non
     projector = {"multi_modal_projector." + n.split(".multi_modal_projector.", 1)[-1]:
                  p.detach().to("cpu", torch.float32).contiguous() for n, p in projector_parameters(model)}
     _write_atomic(output_dir / PROJECTOR_FILE, lambda p: save_file(projector, str(p), metadata={"format": "pt"}))
-    if hasattr(model, "peft_config"):
+    if recipe.train.stage == 2:
         with _atomic_path(output_dir / ADAPTER_DIR) as tmp:
             model.save_pretrained(str(tmp), save_embedding_layers=False)
     with _atomic_path(output_dir / "processor") as tmp:
@@ -286,7 +286,7 @@ def train(recipe: Recipe) -> TrainResult:
     logger.info(
         "model: %s parameters, %s trainable (LoRA %s, projector %s); %d quantized modules; dtype %s; attention %s",
         f"{summary['total']:,}", f"{summary['trainable']:,}", f"{summary['lora']:,}", f"{summary['projector']:,}",
-        summary["quantized_modules"], summary["dtype"], getattr(config, "_attn_implementation", "?"),
+        summary["quantized_modules"], summary["dtype"], summary["attention"],
     )
     trainer.train()
     out = Path(args.output_dir)

@@ -36,10 +36,6 @@ def test_stage1_defaults_to_plain_template(tmp_path):
     assert r.template == "plain"
 
 
-def test_stage1_quantized_is_refused_early(tmp_path):
-    with pytest.raises(RecipeError, match="quant.bits: 4 with train.stage 1 is not supported yet"):
-        recipe_from_dict(_minimal(tmp_path, train={"stage": 1}))
-
 
 def test_upstream_fields_pass_through(tmp_path):
     # Fields nobody declared here: they come from trl.SFTConfig / peft.LoraConfig / BitsAndBytesConfig.
