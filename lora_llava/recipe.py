@@ -118,6 +118,16 @@ class DataSection:
     padding_free: bool = False
     """Flatten each batch into one row with restarting ``position_ids`` (flash-attn varlen); no padding at all."""
     on_bad_sample: Literal["error", "skip"] = "error"
+    """``error``: stop at the first bad record, naming file, record and field; ``skip``: drop and count bad records."""
+    image_position: Literal["first", "random"] = "first"
+    """Where the image of the first question goes: ``first`` = ``<image>\\n`` + question (the reference);
+    ``random`` = before or after the question at random (the LLaVA paper's augmentation)."""
+    num_proc: int | None = None
+    """Processes that tokenize the data; unset = one per CPU core (up to 16) for 5,000 samples or more."""
+    cache: bool = True
+    """Keep the tokenized data on disk, so the next run over the same data and tokenizer skips tokenization."""
+    cache_dir: str | None = None
+    """Where the tokenized data is kept; unset = ``$LORA_LLAVA_CACHE/tokenized`` (``~/.cache/lora_llava/tokenized``)."""
 
 
 @dataclasses.dataclass
@@ -209,6 +219,9 @@ def _type_ok(value: Any, typ: Any) -> tuple[bool, Any]:
 _TRAIN_OURS: list[tuple[str, Any, Any, str]] = [
     ("stage", Literal[1, 2], 2, "1 = align the projector (projector only); 2 = LoRA + projector"),
     ("projector_lr", float | None, 2e-5, "learning rate of the projector in stage 2 (LLaVA-1.5: 2e-5)"),
+    ("group_by_modality_length", bool, False,
+     "batches of one modality (image or text-only) and of similar length, as LLaVA-1.5's fine-tuning does: less "
+     "padding, and text-only batches skip the vision tower"),
 ]
 # Defaults from LLaVA-1.5's reference hyperparameters (DESIGN.md section 2); everything else is SFTConfig's.
 _TRAIN_DEFAULTS: dict[str, Any] = {
@@ -351,7 +364,8 @@ def _sections() -> tuple[type, type, type]:
         _TRAIN_DEFAULTS,
         _TRAIN_MANAGED,
         _TRAIN_OURS,
-        "Training loop settings: every field of trl.SFTConfig, plus the LLaVA stage and projector learning rate.",
+        "Training loop settings: every field of trl.SFTConfig, plus the LLaVA stage, projector learning rate and "
+        "modality-length grouping.",
     )
     lora = _derive("LoraSection", LoraConfig, _LORA_DEFAULTS, _LORA_MANAGED, (), "Fields of peft.LoraConfig.")
     quant = _derive(
@@ -514,6 +528,11 @@ def _cross_checks(r: Recipe, check_files: bool = True) -> list[str]:
         p.append(f"lora.r: must be positive, got {r.lora.r}")
     if r.train.projector_lr is not None and r.train.projector_lr < 0:
         p.append(f"train.projector_lr: must be >= 0, got {r.train.projector_lr}")
+    # Both choose the training sampler; transformers 5 spells its group_by_length as a train_sampling_strategy.
+    if r.train.group_by_modality_length and r.train.train_sampling_strategy != "random":
+        p.append(f"train.group_by_modality_length and train.train_sampling_strategy: both choose the training "
+                 f"sampler; set group_by_modality_length: false or leave train_sampling_strategy at 'random' "
+                 f"(got '{r.train.train_sampling_strategy}')")
     if r.demo is None and check_files:
         for key in ("train", "eval"):
             for path in getattr(r.data, key):

@@ -1,7 +1,8 @@
 """Recipe -> model, data, collator -> ``trl.SFTTrainer`` -> a run folder.
 
 TRL runs the loop; this module only wires the LLaVA pieces into it: the tokenized dataset, the multimodal collator,
-the projector's own learning rate, the progress bar, and what a run folder holds at the end.
+the projector's own learning rate, the modality-length grouped sampler, the progress bar, and what a run folder
+holds at the end.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .data import LlavaCollator, LlavaDataset
+from .data import LlavaCollator, LlavaDataset, ModalityLengthGroupedSampler
 from .modeling import (
     build_model,
     image_token_id,
@@ -54,7 +55,7 @@ def sft_config(recipe: Recipe, model_dtype: torch.dtype):
     from trl import SFTConfig
 
     t = recipe.train
-    ours = {"stage", "projector_lr"}
+    ours = {"stage", "projector_lr", "group_by_modality_length"}
     kwargs = {f.name: getattr(t, f.name) for f in dataclasses.fields(t) if f.name not in ours}
     # TRL turns bf16 on by default; follow the model's dtype instead, so a CPU run stays in fp32.
     upstream = type(t).upstream_defaults
@@ -81,6 +82,10 @@ def build_datasets(recipe: Recipe, processor, config) -> tuple[LlavaDataset, Lla
         max_length=d.max_length,
         image_folder=d.image_folder,
         on_bad_sample=d.on_bad_sample,
+        num_proc=d.num_proc,
+        cache_dir=d.cache_dir if d.cache else False,
+        image_position=d.image_position,
+        seed=recipe.train.seed,
     )
     train_ds = LlavaDataset.from_files(d.train, **common)
     logger.info("train data: %s", train_ds.report.summary())
@@ -92,11 +97,27 @@ def _trainer_class():
     from trl import SFTTrainer
 
     class LlavaSFTTrainer(SFTTrainer):
-        """SFTTrainer with the projector in parameter groups of its own learning rate."""
+        """SFTTrainer with the projector in parameter groups of its own learning rate, and optionally LLaVA's
+        modality-length grouped sampler (``group_by_modality_length``) for the training data."""
 
-        def __init__(self, *args, projector_lr: float | None = None, **kwargs):
+        def __init__(self, *args, projector_lr: float | None = None, group_by_modality_length: bool = False,
+                     **kwargs):
             self.projector_lr = projector_lr
+            self.group_by_modality_length = group_by_modality_length
+            model = kwargs.get("model", args[0] if args else None)
+            # TRL casts the trainable weights of a quantized model to bf16 in place, which rounds a loaded projector
+            # (and LoRA's init) to 8 bits of mantissa. Keep the fp32 tensors and put them back: fp32 master weights.
+            keep = {n: p.data for n, p in model.named_parameters() if p.requires_grad} if model is not None else {}
             super().__init__(*args, **kwargs)
+            for n, p in self.model.named_parameters():
+                if n in keep and p.data.dtype != keep[n].dtype:
+                    p.data = keep[n]
+
+        def _get_train_sampler(self, train_dataset=None):
+            if not self.group_by_modality_length:
+                return super()._get_train_sampler(train_dataset)
+            return modality_sampler(self.train_dataset if train_dataset is None else train_dataset, self.args,
+                                    getattr(self, "_train_batch_size", self.args.train_batch_size))
 
         def create_optimizer(self, model=None):
             opt_model = self.model if model is None else model
@@ -126,6 +147,36 @@ def _trainer_class():
             return (loss, outputs) if return_outputs else loss
 
     return LlavaSFTTrainer
+
+
+def modality_sampler(dataset, args, batch_size: int) -> ModalityLengthGroupedSampler:
+    """The :class:`ModalityLengthGroupedSampler` of a tokenized dataset (columns ``length`` and ``image_files``).
+
+    ``batch_size`` is what the DataLoader batches with (the Trainer's per-device batch). The sampler takes the place
+    of the Trainer's RandomSampler, so nothing else shuffles; accelerate keeps it (it only swaps RandomSamplers) and
+    the Trainer reaches its ``set_epoch`` through the prepared DataLoader at every epoch.
+    """
+    names = getattr(dataset, "column_names", None)
+    if names is not None:
+        missing = {"length", "image_files"} - set(names)
+        if missing:
+            raise ValueError(f"train.group_by_modality_length needs the columns length and image_files; "
+                             f"the training dataset lacks {sorted(missing)}")
+        lengths, images = dataset["length"], dataset["image_files"]
+    else:  # a LlavaDataset or any sequence of rows
+        lengths = [row["length"] for row in dataset]
+        images = [row["image_files"] for row in dataset]
+    has_image = [bool(files) for files in images]
+    logger.info("grouping batches by modality and length: %d samples with images, %d text-only",
+                sum(has_image), len(has_image) - sum(has_image))
+    return ModalityLengthGroupedSampler(
+        lengths, has_image, batch_size, world_size=max(1, args.world_size),
+        # data_seed is the Trainer's seed for data sampling when set; seed otherwise, as for its own samplers.
+        seed=args.data_seed if args.data_seed is not None else args.seed,
+        # One megabatch per optimizer step, as the reference LLaVA trainer does (it multiplies its world size by
+        # the accumulation steps): the micro-batches of one step are all of one modality.
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+    )
 
 
 def answer_only_loss(model, inputs: dict, num_items_in_batch=None):
@@ -276,6 +327,7 @@ def train(recipe: Recipe) -> TrainResult:
         data_collator=collator,
         processing_class=processor,
         projector_lr=recipe.train.projector_lr if recipe.train.stage == 2 else None,
+        group_by_modality_length=recipe.train.group_by_modality_length,
     )
     # TRL casts trainable parameters of a quantized model to bf16; keep fp32 master weights (mixed precision).
     trainable_to_fp32(trainer.model)

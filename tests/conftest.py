@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tokenized-data caches of the tests go to a fresh folder, never the user's ~/.cache.
+os.environ["LORA_LLAVA_CACHE"] = tempfile.mkdtemp(prefix="lora-llava-test-cache-")
 
 
 def pytest_collection_modifyitems(config, items):

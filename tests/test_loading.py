@@ -6,6 +6,7 @@ import json
 import sys
 
 import bitsandbytes as bnb
+import datasets
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -202,3 +203,51 @@ def test_four_bit_without_bitsandbytes_is_a_clear_error(parts, monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as on a broken install
     with pytest.raises(ModelError, match="quant.bits: 4 needs a working bitsandbytes.*set quant.bits: 16"):
         quantization_config(_recipe(parts["root"], bits=4, llava=str(parts["hf"])), torch.float32)
+
+
+def test_bf16_model_is_not_upcast_for_training(parts):
+    """Preparing a 4-bit model for training keeps frozen weights in bf16; only trainable weights become fp32."""
+    from lora_llava.training import _trainer_class, sft_config
+
+    raw = _recipe(parts["root"], bits=4, llava=str(parts["hf"]), dtype="bfloat16").to_dict()
+    raw["train"]["use_cpu"] = True  # bf16 mixed precision on a machine without a GPU
+    recipe = recipe_from_dict(raw, check_files=False)
+    model, processor = build_model(recipe)
+    trainer = _trainer_class()(model=model, args=sft_config(recipe, torch.bfloat16),
+                               train_dataset=datasets.Dataset.from_list([{"x": 1}]), processing_class=processor,
+                               data_collator=lambda rows: rows)
+    frozen = {n: p.dtype for n, p in trainer.model.named_parameters()
+              if not p.requires_grad and p.dtype.is_floating_point}
+    assert frozen and set(frozen.values()) == {torch.bfloat16}, {d for d in frozen.values()}
+    assert any("vision_tower" in n for n in frozen) and any("lm_head" in n for n in frozen)
+
+
+def test_parts_stage1_then_stage2_through_the_trainer(parts, shapes_data, tmp_path):
+    """From parts: stage 1 on a 4-bit LLM trains a fresh projector; stage 2 starts from it and adds LoRA."""
+    from lora_llava.training import train
+
+    folder, train_json, _ = shapes_data
+    common = {"llm": str(parts["llm"]), "vision_tower": str(parts["clip"]), "attn_implementation": "sdpa"}
+    stage1 = train(recipe_from_dict({
+        "model": common, "quant": {"bits": 4},
+        "data": {"train": str(train_json), "image_folder": str(folder), "max_length": 128},
+        "train": {"stage": 1, "output_dir": str(tmp_path / "s1"), "max_steps": 3, "per_device_train_batch_size": 4,
+                  "learning_rate": 1e-2, "warmup_steps": 0},
+    }))
+    assert stage1.summary["lora"] == 0 and stage1.summary["quantized_modules"] == 14
+    assert stage1.summary["trainable"] == stage1.summary["projector"]
+    assert not (stage1.output_dir / "adapter").exists()
+    saved = load_file(str(stage1.output_dir / "projector.safetensors"))
+    stage2 = train(recipe_from_dict({
+        "model": {**common, "projector": str(stage1.output_dir)}, "quant": {"bits": 4},
+        "lora": {"r": 4, "lora_alpha": 8},
+        "data": {"train": str(train_json), "image_folder": str(folder), "max_length": 256},
+        "train": {"stage": 2, "output_dir": str(tmp_path / "s2"), "max_steps": 1, "per_device_train_batch_size": 4,
+                  "learning_rate": 0.0, "projector_lr": 0.0, "warmup_steps": 0},
+    }))
+    # lr 0: the projector stage 2 saved is exactly the one stage 1 produced.
+    again = load_file(str(stage2.output_dir / "projector.safetensors"))
+    assert all(torch.equal(again[k], saved[k]) for k in saved)
+    assert stage2.summary["lora"] > 0 and (stage2.output_dir / "adapter" / "adapter_model.safetensors").is_file()
+    tok = stage2.processor.tokenizer
+    assert tok.convert_tokens_to_ids("<image>") == 32000 and tok.pad_token_id == 32001

@@ -32,10 +32,16 @@ def test_plain_exact_string():
 
 
 def test_llava_v0_string():
-    segs = get_template("llava_v0").render(_sample("Hi", "Hello").turns)
+    turns = [("human", "Hi"), ("gpt", "Hello"), ("human", "And?"), ("gpt", "Bye")]
+    segs = get_template("llava_v0").render(turns)
     text = "".join(s for s, _ in segs)
-    assert text.endswith("\n\n### Human: Hi\n### Assistant: Hello\n")
-    assert [s for s, sup in segs if sup] == [" Hello\n"]
+    system = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+              "detailed, and polite answers to the human's questions.")
+    # The reference's v0 string: header, "### Role: text\n" per turn, a final "### ".
+    assert text == system + "\n\n### Human: Hi\n### Assistant: Hello\n### Human: And?\n### Assistant: Bye\n### "
+    assert [s for s, sup in segs if sup] == [" Hello\n###", " Bye\n###"]
+    prompt = "".join(s for s, _ in get_template("llava_v0").render(turns[:3], add_generation_prompt=True))
+    assert prompt == system + "\n\n### Human: Hi\n### Assistant: Hello\n### Human: And?\n### Assistant:"
 
 
 def test_hand_checked_ids_and_labels(vicuna_tokenizer):

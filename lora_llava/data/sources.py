@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from .templates import IMAGE_TAG
 
-__all__ = ["DataError", "Sample", "iter_file", "iter_raw", "read_records", "sample_from_record"]
+__all__ = ["DataError", "Sample", "is_hf_source", "iter_file", "iter_hf", "iter_raw", "place_image", "read_records",
+           "sample_from_record"]
 
 _ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
 
@@ -113,9 +115,58 @@ def iter_file(path: Path) -> Iterator[tuple[int, Any]]:
     yield from enumerate(data)
 
 
+HF_PREFIX = "hf:"
+_HF_FILE_TYPES = {".parquet": "parquet", ".arrow": "arrow"}
+
+
+def is_hf_source(path: str | Path) -> bool:
+    """A Hugging Face ``datasets`` source: ``hf:NAME[:SPLIT]``, a parquet / arrow file, or a ``save_to_disk`` folder."""
+    text = str(path)
+    p = Path(text)
+    return text.startswith(HF_PREFIX) or p.suffix in _HF_FILE_TYPES or (p / "dataset_info.json").is_file() or \
+        (p / "dataset_dict.json").is_file()
+
+
+def iter_hf(source: str) -> Iterator[tuple[int, Any]]:
+    """(index, record) of a Hugging Face dataset in the LLaVA format (columns id, image, conversations)."""
+    import datasets
+
+    p = Path(source)
+    try:
+        if source.startswith(HF_PREFIX):
+            name, _, split = source[len(HF_PREFIX):].partition(":")
+            ds = datasets.load_dataset(name, split=split or "train")
+        elif p.suffix in _HF_FILE_TYPES:
+            if not p.is_file():
+                raise DataError(f"{source}: data file does not exist")
+            ds = datasets.load_dataset(_HF_FILE_TYPES[p.suffix], data_files=str(p), split="train")
+        else:
+            ds = datasets.load_from_disk(str(p))
+            if isinstance(ds, datasets.DatasetDict):
+                if "train" not in ds:
+                    raise DataError(f"{source}: a dataset dict without a 'train' split (has {sorted(ds)})")
+                ds = ds["train"]
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds (network, format, missing split)
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise DataError(f"{source}: could not load the dataset ({type(e).__name__}: {first})") from None
+    if "conversations" not in ds.column_names:
+        raise DataError(f"{source}: the dataset has no 'conversations' column (columns: {ds.column_names})")
+    image_feature = ds.features.get("image")
+    if image_feature is not None and type(image_feature).__name__ == "Image":
+        raise DataError(f"{source}: column 'image' holds embedded images; lora-llava reads image paths relative to "
+                        "data.image_folder (save the images as files and store their paths)")
+    yield from enumerate(ds)
+
+
 def iter_raw(paths: Iterable[str | Path]) -> Iterator[tuple[str, int, Any]]:
-    """(file, index, raw record) of one or more LLaVA JSON / JSONL files, in order; records are not checked yet."""
+    """(source, index, raw record) of LLaVA JSON / JSONL files and Hugging Face datasets, in order; not checked yet."""
     for path in paths:
+        if is_hf_source(path):
+            for index, record in iter_hf(str(path)):
+                yield str(path), index, record
+            continue
         path = Path(path)
         if not path.is_file():
             raise DataError(f"{path}: data file does not exist")
@@ -127,3 +178,17 @@ def read_records(paths: Iterable[str | Path]) -> Iterator[Sample]:
     """Samples of one or more LLaVA JSON (a list) or JSONL (one record a line) files, in order."""
     for path, index, record in iter_raw(paths):
         yield sample_from_record(record, index, path)
+
+
+def place_image(turns: list[tuple[str, str]], position: str, rng: random.Random | None = None) -> list[tuple[str, str]]:
+    """Where the single ``<image>`` of the first question goes: ``first`` = ``<image>\\n`` + question (the reference
+    moves it there), ``random`` = before or after the question at random (the LLaVA paper's augmentation).
+
+    Samples with several images or whose tag is not in the first question are left as they are.
+    """
+    if not turns or sum(v.count(IMAGE_TAG) for _, v in turns) != 1 or IMAGE_TAG not in turns[0][1]:
+        return turns
+    role, value = turns[0]
+    question = value.replace(IMAGE_TAG, "").strip()
+    after = position == "random" and rng is not None and rng.random() < 0.5
+    return [(role, f"{question}\n{IMAGE_TAG}" if after else f"{IMAGE_TAG}\n{question}"), *turns[1:]]

@@ -90,17 +90,21 @@ def _render_plain(t: Template, turns: list[Turn], add_generation_prompt: bool) -
 
 
 def _render_llava_v0(t: Template, turns: list[Turn], add_generation_prompt: bool) -> list[Segment]:
-    # LLaVA v0: system + "\n\n", then "### Human: q\n" and "### Assistant: a\n" per round; "###" stops generation.
+    # Reference (train.py's _add_speaker_and_signal for v0): system + "\n\n", then "### Human: q\n" and
+    # "### Assistant: a\n" per turn, and a final "### ". The "###" that follows an answer is the stop signal, so it is
+    # supervised with the answer. (The reference also leaves the "### Assistant: " headers unmasked and counts
+    # lengths with a BOS per piece; we supervise only what the model must produce: each answer and its stop signal.)
     human, assistant = t.roles
     segments: list[Segment] = []
-    head = t.system + "\n\n"
+    head = t.system + "\n\n### "
     for q, a in _pairs(turns, add_generation_prompt):
+        segments.append((head + f"{human}: {q}\n### {assistant}:", False))
         if a is None:
-            segments.append((head + f"### {human}: {q}\n### {assistant}:", False))
             break
-        segments.append((head + f"### {human}: {q}\n### {assistant}:", False))
-        segments.append((" " + a + "\n", True))
-        head = ""
+        segments.append((" " + a + "\n###", True))
+        head = " "
+    if not add_generation_prompt:
+        segments.append((" ", False))
     return segments
 
 
