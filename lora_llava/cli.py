@@ -54,6 +54,9 @@ def cmd_validate(args) -> int:
     recipe = _load(args)
     if recipe is None:
         return 2
+    if not recipe.data.train:
+        print(f"error: recipe {args.recipe}: data.train: no training data given", file=sys.stderr)
+        return 2
     print(recipe.to_yaml(), end="")
     print(f"# {args.recipe}: OK (stage {recipe.train.stage}, template {recipe.template}, {recipe.quant.bits}-bit)")
     return 0
@@ -63,6 +66,10 @@ def cmd_sft(args) -> int:
     """Train: stage 1 (projector alignment) or stage 2 (LoRA + projector), as the recipe says."""
     recipe = _load(args)
     if recipe is None:
+        return 2
+    if not recipe.data.train:
+        print(f"error: recipe {args.recipe}: data.train: no training data given (LLaVA JSON / JSONL files or Hugging "
+              "Face datasets)", file=sys.stderr)
         return 2
     from .data import DataError
     from .modeling import ModelError
@@ -139,11 +146,61 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                    help="plan for samples of N tokens instead of data.max_length (e.g. ~650 for stage-1 captions)")
 
 
+def cmd_data(args) -> int:
+    """Dataset tools; ``lora-llava data check --help`` for the one there is."""
+    print("error: data needs a subcommand: check", file=sys.stderr)
+    return 2
+
+
+def cmd_data_check(args) -> int:
+    """Check every record of LLaVA JSON / JSONL data the way training reads it, and list every problem.
+
+    Checked: the schema (conversations alternating human/gpt, non-empty string values), the images (under the
+    image folder, present, decodable), '<image>' tags against images, and token lengths with the training
+    tokenization (template, tokenizer, image tokens, max_length), so truncated and dropped counts are training's.
+    Exit code 0 when every record is usable, 1 when any is bad (all are listed), 2 on a bad command.
+    """
+    from .data.check import CheckUsageError, check_data
+
+    try:
+        report = check_data(args.data, args.image_folder, template=args.template, tokenizer=args.tokenizer,
+                            max_length=args.max_length, num_image_tokens=args.image_tokens, dump=args.dump,
+                            decode_images=not args.no_images_decode, workers=args.workers, progress=None)
+    except CheckUsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(report.format())
+    return 0 if report.ok else 1
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
+    c = sub.add_parser("check", help="check every record of a dataset; exit 1 if any is bad",
+                       description=cmd_data_check.__doc__)
+    c.set_defaults(func=cmd_data_check)
+    c.add_argument("data", nargs="+", metavar="DATA", help="LLaVA JSON (a list) or JSONL files")
+    c.add_argument("--image-folder", required=True, metavar="DIR", help="folder the records' image paths are under")
+    # No choices=: listing the templates would import the data package (and torch) for every `lora-llava --help`.
+    c.add_argument("--template", default="vicuna_v1",
+                   help="conversation template: vicuna_v1 (default), plain (stage-1 caption data), llava_v0")
+    c.add_argument("--tokenizer", metavar="PATH",
+                   help="local tokenizer folder (default: the shipped Vicuna-v1.5 tokenizer); <image> and <pad> "
+                        "are added as llava-hf has them")
+    c.add_argument("--max-length", type=int, default=2048, metavar="N",
+                   help="data.max_length of training (default 2048)")
+    c.add_argument("--image-tokens", type=int, default=576, metavar="N",
+                   help="tokens per image (default 576: CLIP ViT-L/14 at 336 px)")
+    c.add_argument("--dump", metavar="FILE.jsonl",
+                   help="write {id, input_ids, labels} of every record that would train, as training sees it")
+    c.add_argument("--no-images-decode", action="store_true",
+                   help="only check that images exist (fast); by default each one is decoded")
+    c.add_argument("--workers", type=int, default=1, metavar="N", help="processes decoding images (default 1)")
+
+
 # Subcommand -> (function, one-line help, argument setup). Later commands slot in here:
 #   "merge":  export.merge            (LoRA + projector into a llava-hf / original LLaVA checkpoint)
 #   "chat":   inference.chat          (interactive, streamed)
 #   "generate": inference.generate    (batched answers for LLaVA eval files)
-#   "data":   data check              (validate a dataset, dump masks)
 #   "report": training.report         (summary table and loss plot of a run folder)
 def _recipe_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
     p.add_argument("recipe", nargs="?" if optional else None, help="path to a YAML recipe (see recipes/)")
@@ -153,6 +210,7 @@ def _recipe_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[argparse.ArgumentParser], None]]] = {
     "sft": (cmd_sft, "train a recipe (stage 1 or stage 2)", _recipe_args),
+    "data": (cmd_data, "dataset tools: 'data check' validates every record, dumps label masks", _data_args),
     "plan": (cmd_plan, "estimate peak GPU memory of a recipe and whether it fits", _plan_args),
     "validate": (
         cmd_validate,

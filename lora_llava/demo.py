@@ -16,10 +16,12 @@ import shutil
 import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw
 
-from .recipe import Recipe
+if TYPE_CHECKING:  # importing recipe loads trl and peft; `data check` only needs the tokenizer from here
+    from .recipe import Recipe
 
 logger = logging.getLogger(__name__)
 

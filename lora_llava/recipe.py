@@ -513,15 +513,16 @@ def recipe_from_dict(raw: Any, source: str | None = None, check_files: bool = Tr
 
 
 def _cross_checks(r: Recipe, check_files: bool = True) -> list[str]:
-    """Problems that involve more than one field. Loads nothing."""
+    """Problems that involve more than one field. Loads nothing.
+
+    ``data.train`` may be empty here: Python callers can pass records to ``train()``; the CLI requires it.
+    """
     p = []
     m = r.model
     if m.llava is None and m.llm is None:
         p.append("model: set model.llava (a LLaVA checkpoint) or model.llm (+ model.vision_tower) to assemble one")
     if m.llava is not None and m.llm is not None:
         p.append("model: set either model.llava or model.llm, not both")
-    if not r.data.train:
-        p.append("data.train: no training data given (a LLaVA JSON / JSONL file or a list of them)")
     if r.data.max_length < 8:
         p.append(f"data.max_length: {r.data.max_length} is too small to hold a prompt and an answer")
     if r.lora.r <= 0:

@@ -14,13 +14,14 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from .data import LlavaCollator, LlavaDataset, ModalityLengthGroupedSampler
+from .data import DataError, LlavaCollator, LlavaDataset, ModalityLengthGroupedSampler
 from .modeling import (
     build_model,
     image_token_id,
@@ -71,9 +72,13 @@ def sft_config(recipe: Recipe, model_dtype: torch.dtype):
     return SFTConfig(**kwargs)
 
 
-def build_datasets(recipe: Recipe, processor, config) -> tuple[LlavaDataset, LlavaDataset | None]:
-    """Tokenized train (and eval) datasets for the model ``config``."""
+def build_datasets(recipe: Recipe, processor, config, train_records: Iterable[dict] | None = None,
+                   eval_records: Iterable[dict] | None = None) -> tuple[LlavaDataset, LlavaDataset | None]:
+    """Tokenized train (and eval) datasets for the model ``config``: the recipe's files, or records given here."""
     d = recipe.data
+    if train_records is None and not d.train:
+        raise DataError("data.train: no training data given (LLaVA JSON / JSONL files, Hugging Face datasets, or "
+                        "records passed to train())")
     common = dict(
         tokenizer=processor.tokenizer,
         template=recipe.template,
@@ -87,9 +92,16 @@ def build_datasets(recipe: Recipe, processor, config) -> tuple[LlavaDataset, Lla
         image_position=d.image_position,
         seed=recipe.train.seed,
     )
-    train_ds = LlavaDataset.from_files(d.train, **common)
+    if train_records is not None:
+        train_ds = LlavaDataset.from_records(train_records, **common)
+    else:
+        train_ds = LlavaDataset.from_files(d.train, **common)
     logger.info("train data: %s", train_ds.report.summary())
-    eval_ds = LlavaDataset.from_files(d.eval, **common) if d.eval else None
+    eval_ds = None
+    if eval_records is not None:
+        eval_ds = LlavaDataset.from_records(eval_records, **common)
+    elif d.eval:
+        eval_ds = LlavaDataset.from_files(d.eval, **common)
     return train_ds, eval_ds
 
 
@@ -303,14 +315,18 @@ def plot_loss(log_history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def train(recipe: Recipe) -> TrainResult:
-    """Run a recipe end to end: setup, train, save. Returns a :class:`TrainResult`."""
+def train(recipe: Recipe, train_records: Iterable[dict] | None = None,
+          eval_records: Iterable[dict] | None = None) -> TrainResult:
+    """Run a recipe end to end: setup, train, save. Returns a :class:`TrainResult`.
+
+    ``train_records`` / ``eval_records`` (LLaVA-format dicts) replace ``data.train`` / ``data.eval`` when given.
+    """
     from transformers import PrinterCallback, ProgressCallback, set_seed
 
     set_seed(recipe.train.seed)
     model, processor = build_model(recipe)
     config = model.config
-    train_ds, eval_ds = build_datasets(recipe, processor, config)
+    train_ds, eval_ds = build_datasets(recipe, processor, config, train_records, eval_records)
     args = sft_config(recipe, model.get_input_embeddings().weight.dtype)
     collator = LlavaCollator(
         image_processor=processor.image_processor,

@@ -137,6 +137,7 @@ def test_sft_bad_data_is_exit_1_naming_the_record(tiny_recipe, tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("quant.bits=5", "quant.bits: got 5 (int); expected 4 | 8 | 16"),
     ("nonsense", "override 'nonsense': expected section.key=value"),
+    ("data.train=[]", "data.train: no training data given"),
 ])
 def test_sft_bad_recipe_is_exit_2(tiny_recipe, tmp_path, override, message):
     recipe = tmp_path / "r.yaml"

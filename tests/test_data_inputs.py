@@ -133,3 +133,19 @@ def test_collator_padding_free_restarts_positions():
     # The first token of each sample is never a target across the boundary.
     assert b["labels"].tolist() == [[IGNORE_INDEX, 5, 6, IGNORE_INDEX, 7]]
     assert "attention_mask" not in b and "pixel_values" not in b
+
+
+def test_image_over_the_pixel_limit_is_refused(tmp_path, monkeypatch):
+    import lora_llava.data.images as images
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "big.png")
+    monkeypatch.setattr(images, "MAX_PIXELS", 1000)  # a 40x30 image stands in for a decompression bomb
+    with pytest.raises(images.ImageError, match=r"image 'big.png' is 40x30, over the 1000 pixel limit"):
+        images.load_image(tmp_path, "big.png")
+    # A truncated file (the first half of a real PNG) is a decode error naming the image, not a crash.
+    monkeypatch.setattr(images, "MAX_PIXELS", 10**8)
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(tmp_path / "whole.png")
+    data = (tmp_path / "whole.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(images.ImageError, match="image 'cut.png' cannot be decoded"):
+        images.load_image(tmp_path, "cut.png")
