@@ -21,7 +21,7 @@ from typing import Any
 from tqdm import tqdm
 
 from .images import ImageError, load_image, resolve_image_path
-from .sources import DataError, Sample, iter_file, sample_from_record
+from .sources import DataError, Sample, is_hf_source, iter_file, iter_hf, place_image, sample_from_record
 from .templates import IMAGE_TAG, Template, get_template
 from .tokenize import SampleTooLong, encode_sample
 
@@ -150,6 +150,15 @@ class _Entry:
 def _iter_items(paths: Iterable[Path]) -> Iterator[tuple[str, int, Any] | _Entry | Problem]:
     """(file, index, raw record) of every file; an _Entry for a line that is not JSON, a Problem for such a file."""
     for path in paths:
+        if is_hf_source(path):
+            try:
+                records = list(iter_hf(str(path)))
+            except DataError as e:
+                yield Problem(str(path), None, _strip_where(str(e), str(path)))
+                continue
+            for index, record in records:
+                yield str(path), index, record
+            continue
         if path.suffix == ".jsonl":
             try:
                 text = path.read_text(encoding="utf-8")
@@ -225,7 +234,7 @@ def check_data(paths: Iterable[str | Path], image_folder: str | Path | None, tem
     if not paths:
         raise CheckUsageError("no data file given")
     for p in paths:
-        if not p.is_file():
+        if not p.is_file() and not is_hf_source(str(p)):
             raise CheckUsageError(f"data file '{p}' does not exist")
     if image_folder is not None and not Path(image_folder).is_dir():
         raise CheckUsageError(f"image folder '{image_folder}' is not a folder")
@@ -313,6 +322,8 @@ def check_data(paths: Iterable[str | Path], image_folder: str | Path | None, tem
 def _encode(sample: Sample, entry: _Entry, tokenizer, template: Template, image_token_id: int, num_image_tokens: int,
             max_length: int | None, report: CheckReport) -> dict[str, Any] | None:
     """Tokenize as training does and count the outcome; the dump row when the record would train, else None."""
+    # Training's default data.image_position (first): the image of the first question goes to its front.
+    sample = dataclasses.replace(sample, turns=place_image(sample.turns, "first"))
     try:
         full = encode_sample(sample, tokenizer, template, image_token_id, num_image_tokens)
     except ValueError as e:
