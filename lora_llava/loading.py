@@ -30,11 +30,14 @@ __all__ = [
     "DEFAULT_VISION_TOWER",
     "ModelError",
     "UNQUANTIZED_MODULES",
+    "added_rows",
     "checkpoint_layout",
     "choose_attention",
     "image_token_id",
+    "grow_vocabulary",
     "load_model",
     "num_image_tokens",
+    "padded_vocab",
     "quantization_config",
     "read_config_dict",
     "resolve_dtype",
@@ -303,6 +306,34 @@ def add_llava_tokens(tokenizer) -> None:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
 
 
+def added_rows(weight: torch.Tensor, new_rows: int) -> torch.Tensor:
+    """Rows for added tokens: the mean of the existing rows (computed in fp32), the same for every new row.
+
+    Deterministic on purpose: ``lora-llava merge`` recomputes them from the base weights and gets the same values,
+    so an export equals the model that trained (transformers' own resizing draws them at random).
+    """
+    return weight.float().mean(dim=0, keepdim=True).to(weight.dtype).expand(new_rows, -1).clone()
+
+
+def padded_vocab(size: int) -> int:
+    """The vocabulary padded to a multiple of 64, as the llava-hf checkpoints have it (32002 -> 32064)."""
+    return -(-size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def grow_vocabulary(model, tokens: int) -> None:
+    """Grow embeddings and ``lm_head`` to hold ``tokens`` tokens (padded to 64); new rows from :func:`added_rows`."""
+    old = model.get_input_embeddings().weight.shape[0]
+    new = padded_vocab(tokens)
+    if new <= old:
+        return
+    embed_old = model.get_input_embeddings().weight.detach()
+    head_old = model.get_output_embeddings().weight.detach()
+    model.resize_token_embeddings(new, mean_resizing=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[old:] = added_rows(embed_old, new - old)
+        model.get_output_embeddings().weight[old:] = added_rows(head_old, new - old)
+
+
 def _image_processor(vision: str, vision_config):
     from transformers import CLIPImageProcessor
 
@@ -385,7 +416,7 @@ def _assemble(recipe: Recipe, *, weights: str, key: str, text_config, key_mappin
             layer.reset_parameters()
 
     old_vocab = model.get_input_embeddings().weight.shape[0]
-    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=VOCAB_MULTIPLE)
+    grow_vocabulary(model, len(tokenizer))
     model.config.pad_token_id = model.config.text_config.pad_token_id = tokenizer.pad_token_id
     processor = LlavaProcessor(
         image_processor=_image_processor(vision, vision_config), tokenizer=tokenizer,

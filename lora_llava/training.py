@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from . import __version__
 from .data import DataError, LlavaCollator, LlavaDataset, ModalityLengthGroupedSampler
 from .modeling import (
     build_model,
@@ -284,6 +285,10 @@ def save_run(output_dir: Path, recipe: Recipe, model, processor, trainer) -> Non
     with _atomic_path(output_dir / "processor") as tmp:
         processor.save_pretrained(str(tmp))
     _write_atomic(output_dir / "trainer_state.json", lambda p: trainer.state.save_to_json(str(p)))
+    # What a merge needs to rebuild exactly what trained: the dtype the base was loaded (and quantized) in.
+    info = {"dtype": str(model.get_input_embeddings().weight.dtype), "lora_llava": __version__,
+            "vocab": model.get_input_embeddings().weight.shape[0]}
+    _write_atomic(output_dir / "run_info.json", lambda p: p.write_text(json.dumps(info, indent=1), encoding="utf-8"))
     _write_atomic(output_dir / "loss.png", lambda p: plot_loss(trainer.state.log_history, p))
 
 

@@ -1,0 +1,331 @@
+"""``lora-llava merge``: a run folder -> a model that plain transformers (llava-hf layout) or the reference code
+(original LLaVA layout) loads, with none of lora-llava's code.
+
+The LoRA adapter is merged into the *unquantized* base weights (or, with ``from_dequantized``, into exactly the NF4
+weights training saw), the trained projector is put in, and the vision tower is copied. The base is streamed tensor by
+tensor from its safetensors (or ``.bin``) shards and written in output shards, so the whole model is never in memory:
+peak memory is about one input shard + one output shard + the adapter. The export is written to a temporary folder
+next to ``out`` and renamed at the end: an interrupted merge never leaves a half export at ``out``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .loading import (
+    DEFAULT_VISION_TOWER,
+    added_rows,
+    checkpoint_layout,
+    padded_vocab,
+    read_config_dict,
+)
+from .recipe import Recipe, load_recipe
+from .shards import MergeError, ShardWriter, iter_tensors, staging, to_hf, to_internal, to_original
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MergeError", "MergeResult", "merge", "to_internal"]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_SHARD_BYTES = 4 * 1024**3
+
+
+def _local(path: str, key: str) -> Path:
+    """A local checkpoint folder for ``path`` (a Hub id is fetched: config, tokenizer and weights only)."""
+    p = Path(path)
+    if p.is_dir():
+        return p
+    read_config_dict(path, key)  # names the key when the path is neither local nor reachable
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:  # noqa: BLE001 - offline, gated, missing: all mean "give --base"
+        raise MergeError(f"{key}: '{path}' could not be fetched ({e}); pass --base with a local copy") from None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The run folder.
+
+
+class _Run:
+    """What a run folder tells the merge: recipe, adapter (stage 2), projector, processor."""
+
+    def __init__(self, run_dir: Path):
+        if not run_dir.is_dir():
+            raise MergeError(f"run folder '{run_dir}' does not exist")
+        if not (run_dir / "recipe.yaml").is_file():
+            raise MergeError(f"'{run_dir}' is not a lora-llava run folder (no recipe.yaml)")
+        self.dir = run_dir
+        self.recipe: Recipe = load_recipe(run_dir / "recipe.yaml", check_files=False)
+        projector = run_dir / "projector.safetensors"
+        if not projector.is_file():
+            raise MergeError(f"'{run_dir}' has no projector.safetensors: the run did not finish saving")
+        from safetensors.torch import load_file
+
+        self.projector = {"model." + k: v for k, v in load_file(str(projector)).items()}
+        self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.scale = 0.0
+        if self.recipe.train.stage == 2:
+            self._read_adapter(run_dir / "adapter")
+        info = run_dir / "run_info.json"
+        self.info = json.loads(info.read_text()) if info.is_file() else {}
+
+    def _read_adapter(self, folder: Path) -> None:
+        weights, config = folder / "adapter_model.safetensors", folder / "adapter_config.json"
+        if not weights.is_file() or not config.is_file():
+            raise MergeError(f"'{self.dir}' is a stage-2 run without an adapter ({folder} with adapter_config.json "
+                             "and adapter_model.safetensors): the run did not finish saving")
+        cfg = json.loads(config.read_text())
+        if cfg.get("use_dora"):
+            raise MergeError(f"{config}: DoRA adapters are not supported by lora-llava merge")
+        if cfg.get("fan_in_fan_out"):
+            raise MergeError(f"{config}: fan_in_fan_out adapters are not supported by lora-llava merge")
+        r, alpha = cfg["r"], cfg["lora_alpha"]
+        self.scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        from safetensors.torch import load_file
+
+        raw = load_file(str(weights))
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in raw.items():
+            m = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$", key)
+            if m is None:
+                raise MergeError(f"{weights}: unexpected tensor '{key}' (only LoRA A/B weights can be merged)")
+            parts.setdefault(m.group(1), {})[m.group(2)] = tensor
+        for module, ab in parts.items():
+            if set(ab) != {"A", "B"}:
+                raise MergeError(f"{weights}: module '{module}' has lora_{'A' if 'A' in ab else 'B'} only")
+            self.lora[module] = (ab["A"], ab["B"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The merge.
+
+_VICUNA_CHAT_TEMPLATE = (
+    "{%- set system = 'A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user\\'s questions.' -%}"
+    "{{- system + ' ' -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set text = message['content'] -%}{%- set images = 0 -%}"
+    "{%- else -%}{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') "
+    "| join('\\n') -%}{%- set images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}{{- 'USER: ' + '<image>\\n' * images + text + ' ' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' + text + '</s>' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+"""The vicuna_v1 prompt as a chat template: ``apply_chat_template`` gives exactly the string training used."""
+
+
+@dataclasses.dataclass
+class MergeResult:
+    """What :func:`merge` wrote."""
+
+    out: Path
+    format: str
+    merged_modules: int
+    tensors: int
+    bytes: int
+
+
+def _sources(run: _Run, base: str | None) -> tuple[list[tuple[Path, str]], dict[str, Any], dict[str, Any], dict]:
+    """[(folder, kind)] to stream, the text config, the vision config, and LLaVA settings (layer, strategy, tower)."""
+    from transformers import CLIPVisionConfig
+
+    m = run.recipe.model
+    settings: dict[str, Any] = {"layer": -2, "strategy": "default", "tower": m.vision_tower or DEFAULT_VISION_TOWER}
+    if m.llava is not None:
+        key = "--base" if base else "model.llava"
+        folder = _local(base or m.llava, key)
+        cfg = read_config_dict(str(folder), key)
+        kind = checkpoint_layout(cfg)
+        if kind == "llava-hf":
+            settings.update(layer=cfg.get("vision_feature_layer", -2),
+                            strategy=cfg.get("vision_feature_select_strategy", "default"),
+                            tower=DEFAULT_VISION_TOWER if _is_clip_l_336(cfg["vision_config"]) else None)
+            return [(folder, kind)], dict(cfg["text_config"]), dict(cfg["vision_config"]), settings
+        if kind != "llava-original":
+            raise MergeError(f"{key}: '{folder}' is a '{cfg.get('model_type', '?')}' checkpoint, not the LLaVA the run "
+                             "trained from")
+        settings.update(layer=cfg.get("mm_vision_select_layer", -2), tower=m.vision_tower or cfg["mm_vision_tower"])
+        text = {k: v for k, v in cfg.items() if not k.startswith(("mm_", "image_", "tune_mm", "freeze_mm",
+                                                                    "unfreeze_mm", "use_mm", "tokenizer_"))}
+        llm_sources = [(folder, kind)]
+    else:
+        key = "--base" if base else "model.llm"
+        folder = _local(base or m.llm, key)
+        text = read_config_dict(str(folder), key)
+        if checkpoint_layout(text) != "llama":
+            raise MergeError(f"{key}: '{folder}' is a '{text.get('model_type', '?')}' checkpoint, not a Llama / Vicuna")
+        llm_sources = [(folder, "llama")]
+    tower = _local(settings["tower"], "model.vision_tower")
+    vision = CLIPVisionConfig.from_pretrained(str(tower)).to_dict()
+    return llm_sources + [(tower, "clip")], text, vision, settings
+
+
+def _is_clip_l_336(vision: dict[str, Any]) -> bool:
+    """LLaVA-1.5 freezes openai's CLIP ViT-L/14-336, so a llava-hf tower of that shape is that checkpoint."""
+    shape = (vision.get("hidden_size"), vision.get("num_hidden_layers"), vision.get("image_size"),
+             vision.get("patch_size"))
+    return shape == (1024, 24, 336, 14)
+
+
+def _write_tower(weights: dict[str, torch.Tensor], folder: Path, vision_cfg: dict, final: Path) -> str:
+    """The vision tower of a llava-hf base as a CLIP vision checkpoint; returns the path the export will name."""
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, CLIPVisionConfig
+
+    folder.mkdir()
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    drop = ("model_type", "transformers_version")
+    config = CLIPVisionConfig(**{k: v for k, v in vision_cfg.items() if k not in drop})
+    config.save_pretrained(str(folder))
+    size = config.image_size
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
+        str(folder))
+    return str(final.resolve())
+
+
+def _dequantizer(recipe: Recipe, train_dtype: torch.dtype):
+    """W -> the NF4 round trip of W, quantized as training's loader did (same type, block size, double quant)."""
+    if recipe.quant.bits != 4:
+        raise MergeError(f"--from-dequantized needs a 4-bit (QLoRA) run; this run used quant.bits {recipe.quant.bits}")
+    import bitsandbytes.functional as bnbf
+
+    def round_trip(w: torch.Tensor) -> torch.Tensor:
+        q, state = bnbf.quantize_4bit(w.to(train_dtype), quant_type=recipe.quant.bnb_4bit_quant_type,
+                                      compress_statistics=recipe.quant.bnb_4bit_use_double_quant)
+        return bnbf.dequantize_4bit(q, state).float()
+
+    return round_trip
+
+
+def merge(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: str = "bf16", base: str | None = None,
+          from_dequantized: bool = False, overwrite: bool = False, max_shard_size: int = _SHARD_BYTES,
+          progress: bool = True) -> MergeResult:
+    """Merge a run folder into an export; see the module docstring. ``format``: ``hf`` or ``llava``."""
+    from tqdm.auto import tqdm
+    from transformers import AutoProcessor
+
+    if format not in ("hf", "llava"):
+        raise MergeError(f"--format {format!r}: choose hf or llava")
+    if dtype not in _DTYPES:
+        raise MergeError(f"--dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
+    out, out_dtype = Path(out), _DTYPES[dtype]
+    run = _Run(Path(run_dir))
+    train_dtype = getattr(torch, run.info.get("dtype", "torch.bfloat16").removeprefix("torch."))
+    round_trip = _dequantizer(run.recipe, train_dtype) if from_dequantized else None
+    try:
+        processor = AutoProcessor.from_pretrained(str(run.dir / "processor"))
+    except (OSError, ValueError) as e:
+        raise MergeError(f"'{run.dir}': its processor/ folder cannot be read ({e})") from None
+    tokenizer = processor.tokenizer
+    vocab = padded_vocab(len(tokenizer))
+    sources, text_cfg, vision_cfg, settings = _sources(run, base)
+    rename = to_hf if format == "hf" else to_original
+    merged: set[str] = set()
+    written: set[str] = set()
+    # The original layout names its vision tower; a llava-hf base of another shape gets its own tower folder.
+    tower: dict[str, torch.Tensor] | None = {} if format == "llava" and settings["tower"] is None else None
+    with staging(out, overwrite) as tmp:
+        writer = ShardWriter(tmp, max_shard_size)
+        bar = tqdm(desc=f"merging into {out.name}", unit="tensor", disable=not progress)
+        for folder, kind in sources:
+            for key, tensor in iter_tensors(folder):
+                name = to_internal(key, kind)
+                skip = name is None or name in written or name.startswith("model.multi_modal_projector.") or (
+                    kind == "llava-original" and name.startswith("model.vision_tower."))
+                if skip:
+                    continue
+                module = name.removesuffix(".weight")
+                if module in run.lora:
+                    lora_a, lora_b = run.lora[module]
+                    w = round_trip(tensor) if round_trip else tensor.float()
+                    if (lora_b.shape[0], lora_a.shape[1]) != tuple(w.shape):
+                        raise MergeError(f"the adapter does not fit this base: {module} is {tuple(w.shape)} in "
+                                         f"'{folder}' but the adapter's LoRA is {lora_b.shape[0]}x{lora_a.shape[1]} "
+                                         "(an adapter trained on another model?)")
+                    tensor = w + run.scale * (lora_b.float() @ lora_a.float())
+                    merged.add(module)
+                if name in ("model.language_model.embed_tokens.weight", "lm_head.weight") and tensor.shape[0] < vocab:
+                    # <image> and <pad> rows as training made them (the deterministic mean of the base rows).
+                    base_rows = tensor.to(train_dtype)
+                    tensor = torch.cat([base_rows, added_rows(base_rows, vocab - tensor.shape[0])])
+                written.add(name)
+                if tower is not None and name.startswith("model.vision_tower."):
+                    tower["vision_model." + name.removeprefix("model.vision_tower.")] = tensor.contiguous()
+                target = rename(name)
+                if target is not None:
+                    writer.add(target, tensor.to(out_dtype))
+                bar.update()
+        for name, tensor in run.projector.items():
+            writer.add(rename(name), tensor.to(out_dtype))
+            bar.update()
+        bar.close()
+        missing = sorted(set(run.lora) - merged)
+        if missing:
+            raise MergeError(f"the adapter does not fit this base: {len(missing)} adapted modules are not in it, e.g. "
+                             f"{missing[:3]}")
+        if format == "hf" and not any(n.startswith("model.vision_tower.") for n in written):
+            raise MergeError("no vision tower weights were found in the base")
+        writer.finish()
+        if format == "llava" and settings.get("tower") is None:
+            # A llava-hf base carries its tower inside; the original layout names one: write it next to the model.
+            settings["tower"] = _write_tower(tower, tmp / "vision_tower", vision_cfg, out / "vision_tower")
+        _write_configs(tmp, format, run, processor, text_cfg, vision_cfg, settings, vocab, dtype)
+    logger.info("merged %d LoRA modules; wrote %s (%s layout, %s, %.2f GB)", len(merged), out, format, dtype,
+                writer.total / 1e9)
+    return MergeResult(out, format, len(merged), len(written) + len(run.projector), writer.total)
+
+
+def _write_configs(folder: Path, format: str, run: _Run, processor, text_cfg: dict, vision_cfg: dict,
+                   settings: dict, vocab: int, dtype: str) -> None:
+    from transformers import GenerationConfig, LlamaConfig, LlavaConfig
+
+    tok = processor.tokenizer
+    drop = ("model_type", "architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype")
+    text = {k: v for k, v in text_cfg.items() if k not in drop}
+    text.update(vocab_size=vocab, pad_token_id=tok.pad_token_id)
+    torch_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    if format == "hf":
+        vision = {k: v for k, v in vision_cfg.items() if k not in drop}
+        patches = (vision["image_size"] // vision["patch_size"]) ** 2
+        config = LlavaConfig(
+            text_config=LlamaConfig(**text), vision_config=vision, image_token_id=tok.convert_tokens_to_ids("<image>"),
+            projector_hidden_act="gelu", vision_feature_layer=settings["layer"],
+            vision_feature_select_strategy=settings["strategy"],
+            image_seq_length=patches + (1 if settings["strategy"] == "full" else 0), pad_token_id=tok.pad_token_id,
+            multimodal_projector_bias=True, tie_word_embeddings=False,
+        )
+        config.architectures = ["LlavaForConditionalGeneration"]
+        config.dtype = torch_dtype
+        config.save_pretrained(str(folder))
+        if run.recipe.template == "vicuna_v1":
+            processor.chat_template = _VICUNA_CHAT_TEMPLATE
+        processor.save_pretrained(str(folder))
+    else:
+        config = dict(LlamaConfig(**text).to_dict(), model_type="llava_llama", architectures=["LlavaLlamaForCausalLM"],
+                      torch_dtype=torch_dtype, mm_vision_tower=settings["tower"],
+                      mm_hidden_size=vision_cfg["hidden_size"], mm_projector_type="mlp2x_gelu",
+                      mm_vision_select_layer=settings["layer"], mm_vision_select_feature="patch",
+                      mm_use_im_start_end=False, mm_use_im_patch_token=False, mm_patch_merge_type="flat",
+                      image_aspect_ratio=run.recipe.data.image_aspect_ratio, tune_mm_mlp_adapter=False,
+                      freeze_mm_mlp_adapter=False, use_mm_proj=True)
+        for k in ("transformers_version", "dtype"):
+            config.pop(k, None)
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        tok.save_pretrained(str(folder))
+    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id).save_pretrained(str(folder))
+    (folder / "lora_llava.json").write_text(json.dumps({
+        "template": run.recipe.template, "format": format, "dtype": dtype, "run": str(run.dir.resolve()),
+        "stage": run.recipe.train.stage}, indent=2))
