@@ -138,6 +138,62 @@ def cmd_plan(args) -> int:
     return 1
 
 
+def cmd_merge(args) -> int:
+    """Merge a run folder's LoRA adapter into the unquantized base, add its projector and the vision tower, and write
+    a model plain transformers and vLLM load (--format hf, the llava-hf layout) or the reference code loads
+    (--format llava). Streams the base shard by shard; writes to a temporary folder and renames it at the end.
+    """
+    from .export import merge
+    from .loading import ModelError
+    from .recipe import RecipeError
+
+    try:
+        result = merge(args.run_dir, args.out, format=args.format, dtype=args.dtype, base=args.base,
+                       from_dequantized=args.from_dequantized, overwrite=args.overwrite,
+                       max_shard_size=int(args.max_shard_size * 1024**3) if args.max_shard_size else None)
+    except (ModelError, RecipeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # disk full, permissions: the partial export is already removed
+        print(f"error: writing {args.out} failed ({e}); nothing was left at {args.out}", file=sys.stderr)
+        return 1
+    print(f"merged {result.merged_modules} LoRA modules; {result.bytes / 1e9:.2f} GB written to {result.out} "
+          f"({result.format} layout, {args.dtype})")
+    return 0
+
+
+def cmd_report(args) -> int:
+    """Print a run folder's summary (steps, epochs, final / min loss, tokens seen, throughput, peak GPU memory,
+    wall time) and write its loss.png (loss and learning rate against step). Works on an unfinished run too, from
+    its newest checkpoint."""
+    from .report import ReportError, format_report, run_report, write_plot
+
+    try:
+        report = run_report(args.run_dir)
+        plot = write_plot(args.run_dir)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_report(report))
+    print(f"loss plot: {plot}")
+    return 0
+
+
+def _merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a lora-llava run folder (train.output_dir)")
+    p.add_argument("--out", required=True, help="folder to write the export to (must not exist, unless --overwrite)")
+    p.add_argument("--format", choices=["hf", "llava"], default="hf",
+                   help="hf: llava-hf layout for transformers / vLLM (default); llava: the original LLaVA layout")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16", help="dtype of the export")
+    p.add_argument("--base", help="local copy of the base checkpoint (replaces model.llava / model.llm of the recipe)")
+    p.add_argument("--from-dequantized", action="store_true",
+                   help="merge into the NF4-dequantized base weights (exactly what a QLoRA run trained against) "
+                        "instead of the original bf16 weights")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--max-shard-size", type=float, metavar="GB",
+                   help="largest output shard (default: the size of the base's largest shard, which bounds memory)")
+
+
 def _plan_args(p: argparse.ArgumentParser) -> None:
     _recipe_args(p)
     p.add_argument("--gpu-memory", type=float, metavar="GB",
@@ -197,11 +253,199 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--workers", type=int, default=1, metavar="N", help="processes decoding images (default 1)")
 
 
-# Subcommand -> (function, one-line help, argument setup). Later commands slot in here:
-#   "merge":  export.merge            (LoRA + projector into a llava-hf / original LLaVA checkpoint)
-#   "chat":   inference.chat          (interactive, streamed)
-#   "generate": inference.generate    (batched answers for LLaVA eval files)
-#   "report": training.report         (summary table and loss plot of a run folder)
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """PATH and how to load it: shared by chat and generate."""
+    p.add_argument("path", metavar="PATH",
+                   help="a lora-llava run folder (recipe.yaml, projector, adapter) or a llava-hf / original LLaVA "
+                        "checkpoint folder (e.g. a 'lora-llava merge' export)")
+    p.add_argument("--template", metavar="NAME",
+                   help="conversation template (default: the run's; for a checkpoint the one its lora_llava.json "
+                        "names, else vicuna_v1)")
+    p.add_argument("--bits", type=int, choices=(4, 8, 16),
+                   help="quantize the language model on load (default: as trained for a run folder, 16 for a "
+                        "checkpoint)")
+    p.add_argument("--device", metavar="DEVICE",
+                   help="where the model runs, e.g. cpu or cuda:1 (default: the GPU when there is one)")
+
+
+def _check_template(name: str | None) -> bool:
+    if name is None:
+        return True
+    from .data import get_template
+
+    try:
+        get_template(name)
+    except ValueError as e:
+        print(f"error: --template: {e}", file=sys.stderr)
+        return False
+    return True
+
+
+def _positive_int(value: str) -> int:
+    n = int(value)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _non_negative(value: str) -> float:
+    x = float(value)
+    if not x >= 0:  # NaN too
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return x
+
+
+def cmd_chat(args) -> int:
+    """Chat about an image with a trained run or a LLaVA checkpoint; answers stream to stdout token by token.
+
+    The conversation is tokenized exactly as training tokenizes it (the run's template; the image goes with the
+    first question). Without --prompt, questions are read one per line from stdin until end of input or 'exit'
+    ('reset' starts the conversation over); with --prompt, one answer is printed. Greedy unless --temperature > 0.
+    Exit code 0 on success, 1 when the model, the image or a question cannot be used, 2 on a bad command.
+    """
+    if not _check_template(args.template):
+        return 2
+    from .data import ImageError
+    from .inference import ChatSession, load_for_inference, open_image
+    from .modeling import ModelError
+
+    try:
+        if args.image is not None:
+            open_image(args.image)  # a missing or broken image fails before any weights load
+        loaded = load_for_inference(args.path, args.device, bits=args.bits)
+        session = ChatSession(loaded.model, loaded.processor, args.template or loaded.template, image=args.image,
+                              image_aspect_ratio=loaded.image_aspect_ratio, max_new_tokens=args.max_new_tokens,
+                              temperature=args.temperature)
+    except (ModelError, ImageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def ask(question: str) -> bool:
+        try:
+            session.ask(question, stream=write)
+        except ModelError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return False
+        write("\n")
+        return True
+
+    if args.prompt is not None:
+        return 0 if ask(args.prompt) else 1
+    interactive = sys.stdin.isatty()
+    if interactive:
+        about = f"about '{args.image}'" if args.image else "without an image"
+        print(f"chatting with '{args.path}' {about} (template {session.template.name}); 'reset' starts over, "
+              "'exit' or Ctrl-D ends", file=sys.stderr)
+    while True:
+        if interactive:
+            print("USER: ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        question = line.strip()
+        if not question:
+            continue
+        if question.lower() in ("exit", "quit"):
+            break
+        if question.lower() == "reset":
+            session.reset()
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        if interactive:
+            print("ASSISTANT: ", end="", file=sys.stderr, flush=True)
+        ask(question)
+    return 0
+
+
+def _chat_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    p.add_argument("--image", metavar="IMG", help="the image to talk about (any image file); omit for text-only chat")
+    p.add_argument("--prompt", metavar="TEXT", help="ask this one question, print the answer and exit")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=512, metavar="N",
+                   help="longest answer in tokens (default 512)")
+    p.add_argument("--temperature", type=_non_negative, default=0.0, metavar="T",
+                   help="sampling temperature; 0 (default) answers greedily")
+
+
+def cmd_generate(args) -> int:
+    """Answer a LLaVA evaluation question file in batches, greedily, and write LLaVA's answer file.
+
+    Each line of the questions file is {"question_id", "image", "text"}: the image relative to --image-folder
+    (which it cannot leave; optional), the text the question; '<image>\\n' is put in front of it when the record has
+    an image and the text no tag, as LLaVA's model_vqa does. Each output line is {"question_id", "prompt", "text",
+    "answer_id", "model_id"}, in the order of the questions; the file appears only when every answer is written.
+    Exit code 0 on success, 1 on a bad question line (its number is named), image or model, 2 on a bad command.
+    """
+    if not _check_template(args.template):
+        return 2
+    import json
+    import uuid
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from .data import DataError, ImageError
+    from .inference import generate_answers, load_for_inference, read_questions
+    from .modeling import ModelError
+
+    if not Path(args.image_folder).is_dir():
+        print(f"error: --image-folder: '{args.image_folder}' is not a folder", file=sys.stderr)
+        return 1
+    out = Path(args.out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    model_id = args.model_id or Path(args.path).resolve().name
+    try:
+        questions = read_questions(args.questions, args.image_folder)
+        loaded = load_for_inference(args.path, args.device, bits=args.bits)
+        template = args.template or loaded.template
+        text_only = [q["line"] for q in questions if q["image"] is None]
+        if template == "plain" and text_only:
+            raise DataError(f"{args.questions}, line {text_only[0]}: no image, but the plain template (a stage-1 "
+                            "run) only captions images")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("w", encoding="utf-8") as f, tqdm(total=len(questions), desc="answering", unit="q",
+                                                           dynamic_ncols=True) as bar:
+            for start in range(0, len(questions), args.batch_size):
+                chunk = questions[start:start + args.batch_size]
+                answers = generate_answers(loaded.model, loaded.processor, [q["turns"] for q in chunk],
+                                           [[q["image"]] if q["image"] is not None else [] for q in chunk],
+                                           args.image_folder, template=template,
+                                           image_aspect_ratio=loaded.image_aspect_ratio,
+                                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+                for q, answer in zip(chunk, answers):
+                    f.write(json.dumps({"question_id": q["question_id"], "prompt": q["text"], "text": answer,
+                                        "answer_id": uuid.uuid4().hex, "model_id": model_id}) + "\n")
+                bar.update(len(chunk))
+        os.replace(tmp, out)
+    except (DataError, ImageError, ModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # --out is a folder, the disk is full: nothing is left behind
+        print(f"error: writing {out} failed ({e})", file=sys.stderr)
+        return 1
+    finally:
+        tmp.unlink(missing_ok=True)
+    print(f"{len(questions)} answers written to {out} (model_id {model_id})")
+    return 0
+
+
+def _generate_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    p.add_argument("--questions", required=True, metavar="Q.jsonl",
+                   help="LLaVA question file: one {question_id, image, text} per line")
+    p.add_argument("--image-folder", required=True, metavar="DIR", help="folder the questions' image paths are under")
+    p.add_argument("--out", required=True, metavar="A.jsonl", help="answer file to write")
+    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N", help="questions per batch (default 8)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=128, metavar="N",
+                   help="longest answer in tokens (default 128)")
+    p.add_argument("--model-id", metavar="ID", help="model_id written with each answer (default: PATH's folder name)")
+
+
+# Subcommand -> (function, one-line help, argument setup).
 def _recipe_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
     p.add_argument("recipe", nargs="?" if optional else None, help="path to a YAML recipe (see recipes/)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
@@ -212,6 +456,11 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[ar
     "sft": (cmd_sft, "train a recipe (stage 1 or stage 2)", _recipe_args),
     "data": (cmd_data, "dataset tools: 'data check' validates every record, dumps label masks", _data_args),
     "plan": (cmd_plan, "estimate peak GPU memory of a recipe and whether it fits", _plan_args),
+    "report": (cmd_report, "summarise a run folder (steps, losses, tokens, throughput) and redraw loss.png",
+               lambda p: p.add_argument("run_dir", help="a lora-llava run folder (train.output_dir)")),
+    "chat": (cmd_chat, "chat about an image with a run or checkpoint, answers streamed", _chat_args),
+    "generate": (cmd_generate, "answer a LLaVA eval question file in batches (greedy)", _generate_args),
+    "merge": (cmd_merge, "merge a run's LoRA adapter and projector into a model transformers / vLLM load", _merge_args),
     "validate": (
         cmd_validate,
         "check a recipe and print it resolved; loads no weights",

@@ -28,14 +28,23 @@ from .loading import (
     read_config_dict,
 )
 from .recipe import Recipe, load_recipe
-from .shards import MergeError, ShardWriter, iter_tensors, staging, to_hf, to_internal, to_original
+from .shards import (
+    MergeError,
+    ShardWriter,
+    iter_tensors,
+    largest_shard,
+    low_memory_allocator,
+    staging,
+    to_hf,
+    to_internal,
+    to_original,
+)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["MergeError", "MergeResult", "merge", "to_internal"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_SHARD_BYTES = 4 * 1024**3
 
 
 def _local(path: str, key: str) -> Path:
@@ -210,7 +219,7 @@ def _dequantizer(recipe: Recipe, train_dtype: torch.dtype):
 
 
 def merge(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: str = "bf16", base: str | None = None,
-          from_dequantized: bool = False, overwrite: bool = False, max_shard_size: int = _SHARD_BYTES,
+          from_dequantized: bool = False, overwrite: bool = False, max_shard_size: int | None = None,
           progress: bool = True) -> MergeResult:
     """Merge a run folder into an export; see the module docstring. ``format``: ``hf`` or ``llava``."""
     from tqdm.auto import tqdm
@@ -237,7 +246,10 @@ def merge(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: str =
     # The original layout names its vision tower; a llava-hf base of another shape gets its own tower folder.
     tower: dict[str, torch.Tensor] | None = {} if format == "llava" and settings["tower"] is None else None
     with staging(out, overwrite) as tmp:
-        writer = ShardWriter(tmp, max_shard_size)
+        # Output shards no larger than the base's own (unless asked): with one input shard mapped and one output
+        # shard buffered, peak memory stays near 2 x the largest shard + the adapter.
+        writer = ShardWriter(tmp, max_shard_size or max(largest_shard(folder) for folder, _ in sources))
+        low_memory_allocator()
         bar = tqdm(desc=f"merging into {out.name}", unit="tensor", disable=not progress)
         for folder, kind in sources:
             for key, tensor in iter_tensors(folder):
@@ -249,12 +261,13 @@ def merge(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: str =
                 module = name.removesuffix(".weight")
                 if module in run.lora:
                     lora_a, lora_b = run.lora[module]
-                    w = round_trip(tensor) if round_trip else tensor.float()
+                    w = round_trip(tensor) if round_trip else tensor.to(torch.float32, copy=True)
                     if (lora_b.shape[0], lora_a.shape[1]) != tuple(w.shape):
                         raise MergeError(f"the adapter does not fit this base: {module} is {tuple(w.shape)} in "
                                          f"'{folder}' but the adapter's LoRA is {lora_b.shape[0]}x{lora_a.shape[1]} "
                                          "(an adapter trained on another model?)")
-                    tensor = w + run.scale * (lora_b.float() @ lora_a.float())
+                    # In place (W += scale * B @ A) to keep fp32 temporaries to one copy of the weight.
+                    tensor = w.addmm_(lora_b.float(), lora_a.float(), alpha=run.scale)
                     merged.add(module)
                 if name in ("model.language_model.embed_tokens.weight", "lm_head.weight") and tensor.shape[0] < vocab:
                     # <image> and <pad> rows as training made them (the deterministic mean of the base rows).

@@ -1,61 +1,271 @@
-"""Greedy generation with the tokenization used in training (same template, same image tokens)."""
+"""Inference: load a trained run or a LLaVA checkpoint for answering (generation itself is in ``generation``).
+
+Every prompt is tokenized by :func:`~lora_llava.data.encode_prompt`, the function training uses (same template, same
+image tokens), so a fine-tuned model is asked its questions in exactly the format it learned them in. Answers end at
+EOS or at the template's stop string, and are cut and stripped the same way whether they are streamed or not.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
 import torch
 
-from .data import encode_prompt, get_template, load_image
-from .data.images import CLIP_MEAN
-from .modeling import image_token_id, num_image_tokens
+from .data import get_template
+from .generation import ChatSession, InferenceError, chat, generate_answers, open_image, read_questions, with_image_tag
+from .modeling import ModelError
 
-__all__ = ["generate_answers"]
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EXPORT_INFO_FILE",
+    "ChatSession",
+    "InferenceError",
+    "LoadedModel",
+    "chat",
+    "generate_answers",
+    "load_for_inference",
+    "open_image",
+    "read_questions",
+    "with_image_tag",
+]
+
+RECIPE_FILE = "recipe.yaml"
+EXPORT_INFO_FILE = "lora_llava.json"
+"""Written next to an exported checkpoint: ``{"template": ...}`` (and optionally ``image_aspect_ratio``)."""
+DEFAULT_TEMPLATE = "vicuna_v1"
+_ASPECTS = ("pad", "resize")
 
 
-@torch.no_grad()
-def generate_answers(model, processor, prompts: list[list[tuple[str, str]]], images: list[list[str]],
-                     image_folder: str | None, template: str = "vicuna_v1", image_aspect_ratio: str = "pad",
-                     max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
-    """Answer each conversation (ending on a human turn) greedily; returns the decoded answers.
+class LoadedModel(tuple):
+    """What :func:`load_for_inference` returns: a ``(model, processor, template)`` tuple.
 
-    ``images[i]`` are the image paths (relative to ``image_folder``) of conversation ``i``.
+    It also says how images were prepared in training (``image_aspect_ratio``), what was loaded (``kind``: ``run``,
+    ``llava-hf`` or ``llava-original``) and from where (``path``).
     """
-    tmpl = get_template(template)
-    tok = processor.tokenizer
-    config = model.config
-    img_id, n_img = image_token_id(config), num_image_tokens(config)
-    pad_id = tok.pad_token_id
-    mean = tuple(getattr(processor.image_processor, "image_mean", None) or CLIP_MEAN)
-    device = next(p.device for p in model.parameters())
-    pixel_dtype = next(p.dtype for n, p in model.named_parameters() if "vision_tower" in n)
-    was_training = model.training
-    model.eval()
-    answers: list[str] = []
+
+    def __new__(cls, model, processor, template: str, *, image_aspect_ratio: str = "pad", kind: str = "",
+                path: Path | None = None):
+        self = super().__new__(cls, (model, processor, template))
+        self.image_aspect_ratio = image_aspect_ratio
+        self.kind = kind
+        self.path = path
+        return self
+
+    @property
+    def model(self):
+        return self[0]
+
+    @property
+    def processor(self):
+        return self[1]
+
+    @property
+    def template(self) -> str:
+        return self[2]
+
+    def __repr__(self) -> str:
+        return f"LoadedModel({self.kind} '{self.path}', template {self.template}, images {self.image_aspect_ratio})"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Loading.
+
+
+def load_for_inference(path: str | Path, device: str | torch.device | None = None, *, bits: int | None = None,
+                       dtype: str | None = None) -> LoadedModel:
+    """Load a model to answer with; returns :class:`LoadedModel`, which unpacks as ``(model, processor, template)``.
+
+    ``path`` is one of
+
+    * a lora-llava run folder (``recipe.yaml``): the base model is rebuilt as training built it (the recipe's
+      ``model`` and ``quant`` sections, 4-bit included), the trained ``projector.safetensors`` is put in, the LoRA
+      ``adapter/`` attached for a stage-2 run; the run's ``processor/`` and the recipe's template are used;
+    * a llava-hf checkpoint folder (``config.json`` with ``model_type: llava``), e.g. a ``lora-llava merge`` export;
+    * an original LLaVA checkpoint folder (``model_type: llava_llama``), converted on load.
+
+    A checkpoint's template is ``vicuna_v1`` unless a ``lora_llava.json`` next to it names another.
+    ``bits`` (4, 8, 16) replaces the quantization (default: as trained for a run, 16 for a checkpoint); ``dtype``
+    (``auto``, ``bfloat16``, ``float16``, ``float32``) the compute dtype; ``device`` where the model runs (default:
+    the GPU when there is one, else the CPU).
+    """
+    root = Path(path)
+    if not root.exists():
+        raise InferenceError(f"'{path}' does not exist")
+    if not root.is_dir():
+        raise InferenceError(f"'{path}' is not a folder; give a lora-llava run folder (with recipe.yaml) or a LLaVA "
+                             "checkpoint folder (with config.json)")
+    if bits is not None and bits not in (4, 8, 16):
+        raise InferenceError(f"bits: got {bits}; expected 4, 8 or 16")
+    if dtype is not None and dtype not in ("auto", "bfloat16", "float16", "float32"):
+        raise InferenceError(f"dtype: got '{dtype}'; expected auto, bfloat16, float16 or float32")
+    dev = _target_device(device)
+    if (root / RECIPE_FILE).is_file():
+        loaded = _load_run(root, bits, dtype, dev)
+    elif (root / "config.json").is_file():
+        loaded = _load_checkpoint(root, bits, dtype, dev)
+    else:
+        raise InferenceError(f"'{path}' has neither {RECIPE_FILE} (a lora-llava run folder) nor config.json (a LLaVA "
+                             "checkpoint folder)")
+    loaded.model.eval()
+    loaded.model.requires_grad_(False)
+    logger.info("loaded %s '%s' (template %s) on %s", loaded.kind, root, loaded.template,
+                next(loaded.model.parameters()).device)
+    return loaded
+
+
+def _target_device(device) -> torch.device | None:
+    if device is None:
+        return None
     try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = range(start, min(start + batch_size, len(prompts)))
-            ids = [encode_prompt(prompts[i], tok, tmpl, img_id, n_img) for i in chunk]
-            longest = max(map(len, ids))
-            # Left padding, so every prompt ends where generation starts.
-            input_ids = torch.full((len(ids), longest), pad_id, dtype=torch.long)
-            mask = torch.zeros_like(input_ids)
-            for row, seq in enumerate(ids):
-                input_ids[row, longest - len(seq):] = torch.tensor(seq)
-                mask[row, longest - len(seq):] = 1
-            kwargs = {}
-            files = [f for i in chunk for f in images[i]]
-            if files:
-                pics = [load_image(image_folder, f, image_aspect_ratio, mean) for f in files]
-                pixel_values = processor.image_processor(images=pics, return_tensors="pt")["pixel_values"]
-                kwargs["pixel_values"] = pixel_values.to(device, pixel_dtype)
-            out = model.generate(
-                input_ids=input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                do_sample=False, use_cache=True, pad_token_id=pad_id, eos_token_id=tok.eos_token_id, **kwargs,
-            )
-            for row in out[:, longest:]:
-                text = tok.decode(row, skip_special_tokens=True)
-                if tmpl.stop and tmpl.stop != tok.eos_token:
-                    text = text.split(tmpl.stop)[0]
-                answers.append(text.strip())
-    finally:
-        model.train(was_training)
-    return answers
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise InferenceError(f"device: '{device}' is not a device ({e})") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InferenceError(f"device: '{device}' asked but there is no CUDA GPU")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+@contextlib.contextmanager
+def _loading_on(dev: torch.device | None):
+    """``loading.load_model`` places the model on the current CUDA device: make that the one asked for."""
+    if dev is not None and dev.type == "cuda":
+        with torch.cuda.device(dev.index):
+            yield
+    else:
+        yield
+
+
+def _move(model, dev: torch.device | None, where: str) -> None:
+    if dev is None:
+        return
+    current = next(model.parameters()).device
+    if current == dev:
+        return
+    if getattr(model, "is_quantized", False):
+        raise InferenceError(f"{where}: a quantized model runs on the device it is loaded on ({current}), not {dev}; "
+                             "load it with bits=16 to run it elsewhere")
+    model.to(dev)
+
+
+def _load_run(root: Path, bits: int | None, dtype: str | None, dev: torch.device | None) -> LoadedModel:
+    from peft import PeftModel
+    from transformers import AutoProcessor
+
+    from .loading import load_model
+    from .modeling import load_projector
+    from .recipe import RecipeError, load_recipe
+    from .training import ADAPTER_DIR, PROJECTOR_FILE
+
+    where = f"run folder '{root}'"
+    overrides = ([f"quant.bits={bits}"] if bits is not None else []) + ([f"model.dtype={dtype}"] if dtype else [])
+    try:
+        recipe = load_recipe(root / RECIPE_FILE, overrides, check_files=False)
+    except RecipeError as e:
+        raise InferenceError(f"{where}: {e}") from None
+    adapter = root / ADAPTER_DIR
+    if recipe.train.stage == 2 and not (adapter / "adapter_config.json").is_file():
+        raise InferenceError(f"{where}: a stage-2 run (train.stage: 2 in {RECIPE_FILE}) but there is no LoRA adapter "
+                             f"'{adapter}' (adapter_config.json); the run did not finish, or the adapter was moved")
+    projector = root / PROJECTOR_FILE
+    if not projector.is_file():
+        raise InferenceError(f"{where}: no trained projector '{projector}'; the run did not finish")
+    try:
+        with _loading_on(dev):
+            model, processor = load_model(recipe)
+        load_projector(model, str(projector))
+    except ModelError as e:
+        raise InferenceError(f"{where}: {e}{_relative_paths_hint(recipe)}") from None
+    _move(model, dev, where)
+    if recipe.train.stage == 2:
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+        except (OSError, ValueError, RuntimeError, KeyError) as e:
+            raise InferenceError(f"{where}: the adapter '{adapter}' does not fit the base model "
+                                 f"({str(e).splitlines()[0][:300]})") from None
+    saved = root / "processor"
+    if saved.is_dir():
+        processor = AutoProcessor.from_pretrained(str(saved))
+    else:
+        logger.warning("%s has no processor/; using the base model's tokenizer and image processor", where)
+    return LoadedModel(model, processor, recipe.template, image_aspect_ratio=recipe.data.image_aspect_ratio,
+                       kind="run", path=root)
+
+
+def _relative_paths_hint(recipe) -> str:
+    """A recipe keeps the model paths as given to training: relative ones are relative to where it ran."""
+    m = recipe.model
+    relative = [p for p in (m.llava, m.llm, m.vision_tower) if p and not Path(p).is_absolute() and not Path(p).exists()]
+    if not relative:
+        return ""
+    return (f" (if '{relative[0]}' is a local folder: paths in {RECIPE_FILE} are relative to the folder training ran "
+            "in; run from there)")
+
+
+def _export_info(root: Path) -> dict[str, Any]:
+    """``lora_llava.json`` of a checkpoint folder (``{}`` when there is none), checked."""
+    path = root / EXPORT_INFO_FILE
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InferenceError(f"'{path}' is not valid JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise InferenceError(f"'{path}' must hold a JSON object such as {{\"template\": \"vicuna_v1\"}}")
+    if "template" in info:
+        try:
+            get_template(info["template"])
+        except (ValueError, TypeError) as e:
+            raise InferenceError(f"'{path}': template: {e}") from None
+    if info.get("image_aspect_ratio", "pad") not in _ASPECTS:
+        raise InferenceError(f"'{path}': image_aspect_ratio: got {info['image_aspect_ratio']!r}; expected pad or "
+                             "resize")
+    return info
+
+
+def _load_checkpoint(root: Path, bits: int | None, dtype: str | None, dev: torch.device | None) -> LoadedModel:
+    from .loading import checkpoint_layout, load_model
+    from .recipe import RecipeError, recipe_from_dict
+
+    config_file = root / "config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InferenceError(f"'{config_file}' cannot be read ({e})") from None
+    if not isinstance(config, dict):
+        raise InferenceError(f"'{config_file}' is not a model config (not a JSON object)")
+    layout = checkpoint_layout(config)
+    if layout not in ("llava-hf", "llava-original"):
+        raise InferenceError(f"'{root}' holds a '{config.get('model_type', '?')}' checkpoint, not a LLaVA model "
+                             f"(llava-hf or original layout) or a lora-llava run folder ({RECIPE_FILE})")
+    info = _export_info(root)
+    raw: dict[str, Any] = {"model": {"llava": str(root)}, "quant": {"bits": 16 if bits is None else bits}}
+    if dtype:
+        raw["model"]["dtype"] = dtype
+    try:
+        recipe = recipe_from_dict(raw, source=str(root), check_files=False)
+        with _loading_on(dev):
+            model, processor = load_model(recipe)
+    except RecipeError as e:
+        raise InferenceError(str(e)) from None
+    except ModelError as e:
+        raise InferenceError(str(e).removeprefix("model.llava: ")) from None
+    _move(model, dev, f"'{root}'")
+    aspect = info.get("image_aspect_ratio")
+    if aspect is None:
+        # Original LLaVA configs say how their images were prepared; LLaVA-1.5 pads to a square.
+        aspect = "pad" if layout == "llava-hf" or config.get("image_aspect_ratio", "pad") == "pad" else "resize"
+    return LoadedModel(model, processor, info.get("template", DEFAULT_TEMPLATE), image_aspect_ratio=aspect,
+                       kind=layout, path=root)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Generation pieces shared by the batched and the chat paths.

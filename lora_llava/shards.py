@@ -11,12 +11,67 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .loading import ModelError
 
-__all__ = ["MergeError", "ShardWriter", "iter_tensors", "staging", "to_hf", "to_internal", "to_original"]
+__all__ = ["MergeError", "ShardWriter", "iter_tensors", "largest_shard", "low_memory_allocator", "read_safetensors",
+           "release_memory", "staging", "to_hf", "to_internal", "to_original", "write_safetensors"]
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file tensor by tensor from the tensors' own memory.
+
+    ``safetensors.torch.save_file`` first copies every tensor into a bytes object, which doubles the memory of a
+    shard while it is written; here each tensor's bytes go to the file directly.
+    """
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, t in tensors.items():
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in tensors.values():
+            if t.numel():
+                f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+
+
+def largest_shard(folder: Path) -> int:
+    """Size in bytes of the largest weight file of a checkpoint folder."""
+    return max(p.stat().st_size for p in shard_files(folder))
+
+
+def low_memory_allocator() -> None:
+    """Serve large allocations from mmap, so memory freed after each shard goes back to the system.
+
+    glibc keeps freed heap memory for reuse; a merge that allocates tens of MB per merged weight would otherwise grow
+    its resident size shard after shard. Best effort: only on glibc.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: 1 MiB
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the system (glibc's malloc_trim), best effort."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class MergeError(ModelError):
@@ -101,15 +156,34 @@ def shard_files(folder: Path) -> list[Path]:
     return files
 
 
+def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of a safetensors file, each tensor read into memory of its own, in file order.
+
+    Not memory-mapped on purpose: a mapped shard's pages stay resident while any tensor of it is alive, so a merge
+    would hold a whole input shard on top of the output shard it is filling.
+    """
+    dtypes = {v: k for k, v in _ST_DTYPES.items()}
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        header.pop("__metadata__", None)
+        start = 8 + n
+        for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if entry["dtype"] not in dtypes:
+                raise MergeError(f"{path}: tensor '{name}' has dtype {entry['dtype']}, which a merge does not handle")
+            begin, end = entry["data_offsets"]
+            f.seek(start + begin)
+            buf = bytearray(f.read(end - begin))
+            dtype = dtypes[entry["dtype"]]
+            tensor = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
+            yield name, tensor.reshape(entry["shape"])
+
+
 def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(key, tensor) of every weight in a checkpoint folder, one shard open at a time."""
     for path in shard_files(folder):
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                    yield key, f.get_tensor(key)
+            yield from read_safetensors(path)
         else:
             # The reference's .bin shards: never unpickle arbitrary objects; mmap keeps one shard out of RAM.
             state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
@@ -142,12 +216,11 @@ class ShardWriter:
     def flush(self) -> None:
         if not self.buffer:
             return
-        from safetensors.torch import save_file
-
         path = self.folder / f"part-{len(self.files):05d}.safetensors"
-        save_file(self.buffer, str(path), metadata={"format": "pt"})
+        write_safetensors(path, self.buffer, metadata={"format": "pt"})
         self.files.append((path, list(self.buffer)))
         self.buffer, self.size = {}, 0
+        release_memory()
 
     def finish(self) -> None:
         """Name the shards ``model-0000i-of-0000n.safetensors`` and write the index."""

@@ -125,6 +125,25 @@ def _trainer_class():
             for n, p in self.model.named_parameters():
                 if n in keep and p.data.dtype != keep[n].dtype:
                     p.data = keep[n]
+            self._tokens = 0  # real (non-pad) input tokens of this process since the last log
+            self._tokens_seen = 0
+            self._last_log = None
+
+        def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+            # Tokens seen (all processes) and tokens per second since the previous log, next to the loss.
+            if "loss" in logs:
+                import time
+
+                count = torch.tensor(self._tokens, device=self.args.device)
+                self._tokens = 0
+                self._tokens_seen += int(self.accelerator.gather(count).sum())
+                now = time.perf_counter()
+                if self._last_log is not None:
+                    seen, then = self._last_log
+                    logs["tokens_per_second"] = round((self._tokens_seen - seen) / max(now - then, 1e-9), 1)
+                self._last_log = (self._tokens_seen, now)
+                logs["tokens_seen"] = self._tokens_seen
+            super().log(logs, start_time)
 
         def _get_train_sampler(self, train_dataset=None):
             if not self.group_by_modality_length:
@@ -153,6 +172,9 @@ def _trainer_class():
             return super().create_optimizer(model)
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:
+                mask = inputs.get("attention_mask")
+                self._tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
             loss, outputs = answer_only_loss(model, inputs, num_items_in_batch)
             if self.args.average_tokens_across_devices and num_items_in_batch is not None:
                 # num_items_in_batch counts every rank's tokens while DDP averages gradients across ranks.
@@ -233,6 +255,8 @@ def _progress_callback():
         def on_log(self, args, state, control, logs=None, **kwargs):
             if self.bar is not None and logs:
                 shown = {k: f"{logs[k]:.4g}" for k in ("loss", "learning_rate", "eval_loss") if k in logs}
+            if "tokens_per_second" in logs:
+                shown["tok/s"] = f"{logs['tokens_per_second']:.0f}"
                 self.bar.set_postfix(shown, refresh=False)
 
         def on_train_end(self, args, state, control, **kwargs):
@@ -288,6 +312,9 @@ def save_run(output_dir: Path, recipe: Recipe, model, processor, trainer) -> Non
     # What a merge needs to rebuild exactly what trained: the dtype the base was loaded (and quantized) in.
     info = {"dtype": str(model.get_input_embeddings().weight.dtype), "lora_llava": __version__,
             "vocab": model.get_input_embeddings().weight.shape[0]}
+    if torch.cuda.is_available():
+        info["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
+        info["gpu"] = torch.cuda.get_device_name()
     _write_atomic(output_dir / "run_info.json", lambda p: p.write_text(json.dumps(info, indent=1), encoding="utf-8"))
     _write_atomic(output_dir / "loss.png", lambda p: plot_loss(trainer.state.log_history, p))
 

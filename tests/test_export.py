@@ -199,3 +199,36 @@ def test_merge_cli(run16, tmp_path):
     config = json.loads((tmp_path / "e" / "config.json").read_text())
     assert config["model_type"] == "llava" and config["text_config"]["vocab_size"] == 32064
     assert main(["merge", str(run16.output_dir), "--out", str(tmp_path / "e")]) == 1  # exists
+
+
+def test_stage1_run_exports_base_plus_projector(tiny_llava, shapes_data, tmp_path):
+    folder, train_json, _ = shapes_data
+    run = train(recipe_from_dict({
+        "model": {"llava": str(tiny_llava), "attn_implementation": "sdpa"}, "quant": {"bits": 16},
+        "data": {"train": str(train_json), "image_folder": str(folder), "max_length": 128},
+        "train": {"stage": 1, "output_dir": str(tmp_path / "s1"), "max_steps": 2, "per_device_train_batch_size": 4,
+                  "learning_rate": 1e-2, "warmup_steps": 0},
+    }))
+    result = merge(run.output_dir, tmp_path / "export", dtype="fp32", progress=False)
+    assert result.merged_modules == 0
+    model, processor = _load_hf(result.out)
+    projector = model.model.multi_modal_projector
+    trained = run.model.get_base_model() if hasattr(run.model, "get_base_model") else run.model
+    assert torch.equal(projector.linear_1.weight, trained.model.multi_modal_projector.linear_1.weight)
+    inputs = _inputs(processor)
+    torch.testing.assert_close(_logits(model, inputs), _logits(run.model, inputs), rtol=0, atol=1e-4)
+
+
+def test_safetensors_writer_round_trips(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from lora_llava.shards import write_safetensors
+
+    tensors = {"a": torch.randn(3, 5).bfloat16(), "b": torch.arange(7), "c": torch.randn(2, 2, 2).half(),
+               "empty": torch.zeros(0, 4), "d": torch.rand(4)}
+    write_safetensors(tmp_path / "x.safetensors", tensors, {"format": "pt"})
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in tensors.items())
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
