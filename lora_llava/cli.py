@@ -80,7 +80,7 @@ def cmd_sft(args) -> int:
 
         prepare_demo(recipe)
     try:
-        result = train(recipe)
+        result = train(recipe, resume=args.resume)
     except (DataError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -446,6 +446,14 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 
 
 # Subcommand -> (function, one-line help, argument setup).
+def _sft_args(p: argparse.ArgumentParser) -> None:
+    _recipe_args(p)
+    p.add_argument("--resume", metavar="auto|CHECKPOINT",
+                   help="continue a run: 'auto' = the newest complete checkpoint in train.output_dir (or start fresh "
+                        "when there is none), or a checkpoint folder; weights, optimizer, scheduler, RNG and data "
+                        "order are restored")
+
+
 def _recipe_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
     p.add_argument("recipe", nargs="?" if optional else None, help="path to a YAML recipe (see recipes/)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
@@ -453,7 +461,7 @@ def _recipe_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[argparse.ArgumentParser], None]]] = {
-    "sft": (cmd_sft, "train a recipe (stage 1 or stage 2)", _recipe_args),
+    "sft": (cmd_sft, "train a recipe (stage 1 or stage 2)", _sft_args),
     "data": (cmd_data, "dataset tools: 'data check' validates every record, dumps label masks", _data_args),
     "plan": (cmd_plan, "estimate peak GPU memory of a recipe and whether it fits", _plan_args),
     "report": (cmd_report, "summarise a run folder (steps, losses, tokens, throughput) and redraw loss.png",

@@ -22,6 +22,14 @@ import torch
 from safetensors.torch import save_file
 
 from . import __version__
+from .checkpoints import (
+    CHECKPOINT_MARKER,
+    PROJECTOR_FILE,
+    load_trainable,
+    projector_state,
+    resolve_resume,
+    save_trainable,
+)
 from .data import DataError, LlavaCollator, LlavaDataset, ModalityLengthGroupedSampler
 from .modeling import (
     build_model,
@@ -37,7 +45,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["TrainResult", "build_datasets", "sft_config", "train"]
 
-PROJECTOR_FILE = "projector.safetensors"
 ADAPTER_DIR = "adapter"
 
 
@@ -144,6 +151,35 @@ def _trainer_class():
                 self._last_log = (self._tokens_seen, now)
                 logs["tokens_seen"] = self._tokens_seen
             super().log(logs, start_time)
+
+        # Checkpoints hold what trains (adapter, projector) plus optimizer / scheduler / RNG / trainer state, and a
+        # marker written last: a checkpoint without it was cut short and `--resume auto` passes over it. Older
+        # checkpoints are rotated out only after the new one is complete.
+        def _save_checkpoint(self, model, trial):
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+            limit, self.args.save_total_limit = self.args.save_total_limit, None
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.save_total_limit = limit
+            if self.args.should_save:
+                run_dir = self._get_output_dir(trial=trial)
+                folder = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+                (folder / CHECKPOINT_MARKER).write_text(json.dumps({"step": self.state.global_step}))
+                rotate_checkpoints(output_dir=run_dir, save_total_limit=limit,
+                                   best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+
+        def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+            if not self.args.should_save:
+                return
+            folder = Path(output_dir or self.args.output_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            model = self.accelerator.unwrap_model(self.model)
+            save_trainable(model, folder)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+            load_trainable(model if model is not None else self.model, Path(resume_from_checkpoint))
 
         def _get_train_sampler(self, train_dataset=None):
             if not self.group_by_modality_length:
@@ -299,9 +335,7 @@ def save_run(output_dir: Path, recipe: Recipe, model, processor, trainer) -> Non
     """Write what a run folder holds: recipe, adapter, projector, processor, trainer state, loss plot."""
     output_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(output_dir / "recipe.yaml", lambda p: p.write_text(recipe.to_yaml(), encoding="utf-8"))
-    # Keys as in the llava-hf model (multi_modal_projector.linear_1.weight ...), whatever wraps the model.
-    projector = {"multi_modal_projector." + n.split(".multi_modal_projector.", 1)[-1]:
-                 p.detach().to("cpu", torch.float32).contiguous() for n, p in projector_parameters(model)}
+    projector = projector_state(model)
     _write_atomic(output_dir / PROJECTOR_FILE, lambda p: save_file(projector, str(p), metadata={"format": "pt"}))
     if recipe.train.stage == 2:
         with _atomic_path(output_dir / ADAPTER_DIR) as tmp:
@@ -348,14 +382,17 @@ def plot_loss(log_history: list[dict], path: Path) -> None:
 
 
 def train(recipe: Recipe, train_records: Iterable[dict] | None = None,
-          eval_records: Iterable[dict] | None = None) -> TrainResult:
+          eval_records: Iterable[dict] | None = None, resume: str | None = None) -> TrainResult:
     """Run a recipe end to end: setup, train, save. Returns a :class:`TrainResult`.
 
     ``train_records`` / ``eval_records`` (LLaVA-format dicts) replace ``data.train`` / ``data.eval`` when given.
+    ``resume``: ``auto`` or a checkpoint folder (see :func:`resolve_resume`); the run continues exactly where the
+    checkpoint left it (weights, optimizer, scheduler, RNG, data order).
     """
     from transformers import PrinterCallback, ProgressCallback, set_seed
 
     set_seed(recipe.train.seed)
+    checkpoint = resolve_resume(recipe, resume)
     model, processor = build_model(recipe)
     config = model.config
     train_ds, eval_ds = build_datasets(recipe, processor, config, train_records, eval_records)
@@ -388,7 +425,11 @@ def train(recipe: Recipe, train_records: Iterable[dict] | None = None,
         f"{summary['total']:,}", f"{summary['trainable']:,}", f"{summary['lora']:,}", f"{summary['projector']:,}",
         summary["quantized_modules"], summary["dtype"], summary["attention"],
     )
-    trainer.train()
+    if checkpoint is not None:
+        logger.info("resuming from %s", checkpoint)
+        history = json.loads((checkpoint / "trainer_state.json").read_text()).get("log_history", [])
+        trainer._tokens_seen = max((h.get("tokens_seen", 0) for h in history), default=0)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     out = Path(args.output_dir)
     if trainer.is_world_process_zero():
         save_run(out, recipe, trainer.model, processor, trainer)
