@@ -29,7 +29,7 @@ def main() -> None:
 
     from lora_llava.data import LlavaCollator
     from lora_llava.demo import make_demo_model, make_shapes_data
-    from lora_llava.modeling import build_model, trainable_to_fp32
+    from lora_llava.modeling import build_model
     from lora_llava.recipe import recipe_from_dict
     from lora_llava.training import _trainer_class, build_datasets, sft_config
 
@@ -46,7 +46,6 @@ def main() -> None:
     collator = LlavaCollator(processor.image_processor, processor.tokenizer.pad_token_id, recipe.data.image_folder)
     trainer = _trainer_class()(model=model, args=sft_config(recipe, torch.float32), train_dataset=train_ds.to_hf(),
                                data_collator=collator, processing_class=processor)
-    trainable_to_fp32(model)  # undo TRL's bf16 cast, as lora-llava's train() does
     batch = collator([train_ds[i] for i in range(args.batch)])
     n_targets = int((batch["labels"][:, 1:] != -100).sum())
     model.train()

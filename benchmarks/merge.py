@@ -51,6 +51,7 @@ def build(workdir: Path, size: str) -> tuple[Path, Path]:
 
     from lora_llava import __version__
     from lora_llava.demo import vicuna_tokenizer
+    from lora_llava.loading import add_llava_tokens
     from lora_llava.modeling import lora_config
     from lora_llava.recipe import recipe_from_dict
 
@@ -59,8 +60,7 @@ def build(workdir: Path, size: str) -> tuple[Path, Path]:
         return base, run
     (th, tl, ti, tn), (vh, vl, vi, vn), shard = SIZES[size]
     tok = vicuna_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    tok.add_special_tokens({"pad_token": "<pad>"})
+    add_llava_tokens(tok)
     vision = CLIPVisionConfig(hidden_size=vh, intermediate_size=vi, num_hidden_layers=vl, num_attention_heads=vn,
                               image_size=336, patch_size=14, projection_dim=vh)
     text = LlamaConfig(vocab_size=32064, hidden_size=th, intermediate_size=ti, num_hidden_layers=tl,

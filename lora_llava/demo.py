@@ -62,10 +62,10 @@ def make_demo_model(out_dir: str | Path, image_size: int = 48, seed: int = 0, hi
     )
 
     out_dir = Path(out_dir)
+    from .loading import add_llava_tokens
+
     tok = vicuna_tokenizer()
-    # As the llava-hf checkpoints do: <image> = 32000, <pad> = 32001, vocabulary padded to a multiple of 64.
-    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    tok.add_special_tokens({"pad_token": "<pad>"})
+    add_llava_tokens(tok)  # <image> = 32000, <pad> = 32001, as the llava-hf checkpoints have them
     patch = 8
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                               image_size=image_size, patch_size=patch, projection_dim=64)

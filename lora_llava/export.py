@@ -24,6 +24,8 @@ from .loading import (
     DEFAULT_VISION_TOWER,
     added_rows,
     checkpoint_layout,
+    llava_config,
+    original_text_fields,
     padded_vocab,
     read_config_dict,
 )
@@ -166,8 +168,7 @@ def _sources(run: _Run, base: str | None) -> tuple[list[tuple[Path, str]], dict[
             raise MergeError(f"{key}: '{folder}' is a '{cfg.get('model_type', '?')}' checkpoint, not the LLaVA the run "
                              "trained from")
         settings.update(layer=cfg.get("mm_vision_select_layer", -2), tower=m.vision_tower or cfg["mm_vision_tower"])
-        text = {k: v for k, v in cfg.items() if not k.startswith(("mm_", "image_", "tune_mm", "freeze_mm",
-                                                                    "unfreeze_mm", "use_mm", "tokenizer_"))}
+        text = original_text_fields(cfg)
         llm_sources = [(folder, kind)]
     else:
         key = "--base" if base else "model.llm"
@@ -302,7 +303,7 @@ def merge(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: str =
 
 def _write_configs(folder: Path, format: str, run: _Run, processor, text_cfg: dict, vision_cfg: dict,
                    settings: dict, vocab: int, dtype: str) -> None:
-    from transformers import GenerationConfig, LlamaConfig, LlavaConfig
+    from transformers import GenerationConfig, LlamaConfig
 
     tok = processor.tokenizer
     drop = ("model_type", "architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype")
@@ -311,14 +312,8 @@ def _write_configs(folder: Path, format: str, run: _Run, processor, text_cfg: di
     torch_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
     if format == "hf":
         vision = {k: v for k, v in vision_cfg.items() if k not in drop}
-        patches = (vision["image_size"] // vision["patch_size"]) ** 2
-        config = LlavaConfig(
-            text_config=LlamaConfig(**text), vision_config=vision, image_token_id=tok.convert_tokens_to_ids("<image>"),
-            projector_hidden_act="gelu", vision_feature_layer=settings["layer"],
-            vision_feature_select_strategy=settings["strategy"],
-            image_seq_length=patches + (1 if settings["strategy"] == "full" else 0), pad_token_id=tok.pad_token_id,
-            multimodal_projector_bias=True, tie_word_embeddings=False,
-        )
+        config = llava_config(LlamaConfig(**text), vision, tok.convert_tokens_to_ids("<image>"), settings["layer"],
+                              settings["strategy"], pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
         config.architectures = ["LlavaForConditionalGeneration"]
         config.dtype = torch_dtype
         config.save_pretrained(str(folder))

@@ -209,17 +209,23 @@ def _relative_paths_hint(recipe) -> str:
             "in; run from there)")
 
 
+def _json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON file that must hold an object; errors name the file."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise InferenceError(f"'{path}' cannot be read as JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise InferenceError(f"'{path}' must hold {what}")
+    return value
+
+
 def _export_info(root: Path) -> dict[str, Any]:
     """``lora_llava.json`` of a checkpoint folder (``{}`` when there is none), checked."""
     path = root / EXPORT_INFO_FILE
     if not path.is_file():
         return {}
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise InferenceError(f"'{path}' is not valid JSON ({e})") from None
-    if not isinstance(info, dict):
-        raise InferenceError(f"'{path}' must hold a JSON object such as {{\"template\": \"vicuna_v1\"}}")
+    info = _json_object(path, "a JSON object such as {\"template\": \"vicuna_v1\"}")
     if "template" in info:
         try:
             get_template(info["template"])
@@ -236,12 +242,7 @@ def _load_checkpoint(root: Path, bits: int | None, dtype: str | None, dev: torch
     from .recipe import RecipeError, recipe_from_dict
 
     config_file = root / "config.json"
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise InferenceError(f"'{config_file}' cannot be read ({e})") from None
-    if not isinstance(config, dict):
-        raise InferenceError(f"'{config_file}' is not a model config (not a JSON object)")
+    config = _json_object(config_file, "a model config (a JSON object)")
     layout = checkpoint_layout(config)
     if layout not in ("llava-hf", "llava-original"):
         raise InferenceError(f"'{root}' holds a '{config.get('model_type', '?')}' checkpoint, not a LLaVA model "

@@ -35,8 +35,10 @@ __all__ = [
     "choose_attention",
     "image_token_id",
     "grow_vocabulary",
+    "llava_config",
     "load_model",
     "num_image_tokens",
+    "original_text_fields",
     "padded_vocab",
     "quantization_config",
     "read_config_dict",
@@ -232,12 +234,31 @@ def _load_llava_hf(recipe: Recipe) -> tuple[Any, Any]:
     return model, processor
 
 
+def original_text_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """The Llama fields of an original LLaVA ``config.json`` (its ``mm_*`` and other LLaVA fields dropped)."""
+    return {k: v for k, v in config.items()
+            if not k.startswith(_ORIGINAL_ONLY) and k not in ("architectures", "model_type", "_name_or_path")}
+
+
 def _text_config_from_original(config: dict[str, Any]):
     from transformers import LlamaConfig
 
-    fields = {k: v for k, v in config.items()
-              if not k.startswith(_ORIGINAL_ONLY) and k not in ("architectures", "model_type", "_name_or_path")}
-    return LlamaConfig(**fields)
+    return LlamaConfig(**original_text_fields(config))
+
+
+def llava_config(text_config, vision_config, image_token_id: int, feature_layer: int = -2, strategy: str = "default",
+                 **extra: Any):
+    """LLaVA-1.5's ``LlavaConfig``: GELU projector with biases, features of ``feature_layer``, image tokens from the
+    tower's patch grid (plus CLS with the ``full`` strategy)."""
+    from transformers import LlavaConfig
+
+    vc = vision_config if isinstance(vision_config, dict) else vision_config.to_dict()
+    patches = (vc["image_size"] // vc["patch_size"]) ** 2
+    return LlavaConfig(
+        vision_config=vision_config, text_config=text_config, image_token_id=image_token_id,
+        projector_hidden_act="gelu", vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
+        image_seq_length=patches + (1 if strategy == "full" else 0), multimodal_projector_bias=True, **extra,
+    )
 
 
 def _load_original(recipe: Recipe, config: dict[str, Any]) -> tuple[Any, Any]:
@@ -353,7 +374,6 @@ def _assemble(recipe: Recipe, *, weights: str, key: str, text_config, key_mappin
         AutoTokenizer,
         CLIPVisionConfig,
         CLIPVisionModel,
-        LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
     )
@@ -369,17 +389,8 @@ def _assemble(recipe: Recipe, *, weights: str, key: str, text_config, key_mappin
     except (OSError, ValueError) as e:
         raise ModelError(f"{key}: '{weights}' has no usable tokenizer ({e})") from None
     add_llava_tokens(tokenizer)
-    patches = (vision_config.image_size // vision_config.patch_size) ** 2
-    config = LlavaConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        projector_hidden_act="gelu",
-        vision_feature_layer=feature_layer,
-        vision_feature_select_strategy=strategy,
-        image_seq_length=patches + (1 if strategy == "full" else 0),
-        multimodal_projector_bias=True,
-    )
+    config = llava_config(text_config, vision_config, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), feature_layer,
+                          strategy)
     try:
         with _quiet_transformers():
             model, info = LlavaForConditionalGeneration.from_pretrained(

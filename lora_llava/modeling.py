@@ -111,11 +111,11 @@ def build_model(recipe: Recipe) -> tuple[Any, Any]:
     The model comes from a llava-hf checkpoint, an original LLaVA checkpoint (converted on load) or is assembled from
     ``model.llm`` + ``model.vision_tower``; ``model.projector`` then replaces the projector.
     """
-    if recipe.model.projector is not None:
-        _read_projector(recipe.model.projector)  # a missing or malformed projector fails before any weights load
+    # Read first: a missing or malformed projector fails before any weights load.
+    projector = _read_projector(recipe.model.projector) if recipe.model.projector is not None else None
     model, processor = load_model(recipe)
-    if recipe.model.projector is not None:
-        load_projector(model, recipe.model.projector)
+    if projector is not None:
+        load_projector(model, recipe.model.projector, projector)
         logger.info("projector loaded from %s", recipe.model.projector)
     return apply_stage(model, recipe), processor
 
@@ -175,9 +175,10 @@ def _read_projector(path: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_projector(model, path: str) -> None:
-    """Copy projector weights from ``path`` into ``model``; shapes must match (a 7B projector does not fit 13B)."""
-    weights = _read_projector(path)
+def load_projector(model, path: str, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Copy projector weights from ``path`` (or ``weights`` already read from it) into ``model``; shapes must match
+    (a 7B projector does not fit 13B)."""
+    weights = _read_projector(path) if weights is None else weights
     llava = model.get_base_model() if hasattr(model, "get_base_model") else model
     projector = llava.model.multi_modal_projector
     state = projector.state_dict()

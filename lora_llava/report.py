@@ -17,12 +17,12 @@ def _state_file(run_dir: Path) -> Path:
     direct = run_dir / "trainer_state.json"
     if direct.is_file():
         return direct
-    # A run that was stopped before its final save: the newest checkpoint's state.
-    checkpoints = sorted((p for p in run_dir.glob("checkpoint-*/trainer_state.json")
-                          if p.parent.name.removeprefix("checkpoint-").isdigit()),
-                         key=lambda p: int(p.parent.name.removeprefix("checkpoint-")))
-    if checkpoints:
-        return checkpoints[-1]
+    # A run that was stopped before its final save: the newest complete checkpoint, the one --resume auto takes.
+    from .checkpoints import last_checkpoint
+
+    checkpoint = last_checkpoint(run_dir)
+    if checkpoint is not None:
+        return checkpoint / "trainer_state.json"
     raise ReportError(f"'{run_dir}' holds no trainer_state.json (not a lora-llava run folder, or nothing was saved)")
 
 

@@ -37,7 +37,6 @@ from .modeling import (
     model_summary,
     num_image_tokens,
     projector_parameters,
-    trainable_to_fp32,
 )
 from .recipe import Recipe
 
@@ -414,8 +413,6 @@ def train(recipe: Recipe, train_records: Iterable[dict] | None = None,
         projector_lr=recipe.train.projector_lr if recipe.train.stage == 2 else None,
         group_by_modality_length=recipe.train.group_by_modality_length,
     )
-    # TRL casts trainable parameters of a quantized model to bf16; keep fp32 master weights (mixed precision).
-    trainable_to_fp32(trainer.model)
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(_progress_callback())
