@@ -72,18 +72,20 @@ def cmd_sft(args) -> int:
               "Face datasets)", file=sys.stderr)
         return 2
     from .data import DataError
+    from .distributed import LaunchError
     from .modeling import ModelError
     from .training import train
 
-    if recipe.demo is not None:
-        from .demo import prepare_demo
-
-        prepare_demo(recipe)
     try:
         result = train(recipe, resume=args.resume)
+    except LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (DataError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if not result.main_process:
+        return 0
     losses = result.losses
     if losses:
         print(f"loss: {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} logged steps")

@@ -178,10 +178,11 @@ class _Runtime:
 
 
 def _runtime(recipe: Recipe) -> _Runtime:
+    from .distributed import detect_launch, device_map
+
     dtype = resolve_dtype(recipe.model.dtype)
-    device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
     return _Runtime(dtype, choose_attention(recipe.model.attn_implementation), quantization_config(recipe, dtype),
-                    device_map, recipe.model.trust_remote_code)
+                    device_map(detect_launch(recipe)), recipe.model.trust_remote_code)
 
 
 @contextlib.contextmanager
@@ -313,6 +314,42 @@ def _load_from_parts(recipe: Recipe) -> tuple[Any, Any]:
         strategy="default",
         projector_in_checkpoint=False,
     )
+
+
+def projector_shapes(recipe: Recipe) -> dict[str, tuple[int, ...]] | None:
+    """The shapes of the projector the recipe's model will have, read from config files alone (no weights).
+
+    None when the checkpoint is of a kind :func:`load_model` refuses anyway (it names the problem then).
+    """
+    from transformers import CLIPVisionConfig, LlavaConfig
+
+    m = recipe.model
+    layers = 1
+    if m.llava is not None:
+        config = read_config_dict(m.llava, "model.llava")
+        layout = checkpoint_layout(config)
+        if layout == "llava-hf":
+            c = LlavaConfig.from_dict(config)
+            text, vision = c.text_config.hidden_size, c.vision_config.hidden_size
+            layers = len(_as_list(c.vision_feature_layer))
+        elif layout == "llava-original":
+            text = _text_config_from_original(config).hidden_size
+            vision = config.get("mm_hidden_size")
+            if vision is None:
+                tower = m.vision_tower or config.get("mm_vision_tower") or DEFAULT_VISION_TOWER
+                vision = CLIPVisionConfig.from_pretrained(tower).hidden_size
+        else:
+            return None
+    else:
+        config = read_config_dict(m.llm, "model.llm")
+        if "hidden_size" not in config:
+            return None
+        text = config["hidden_size"]
+        tower = m.vision_tower or DEFAULT_VISION_TOWER
+        read_config_dict(tower, "model.vision_tower")
+        vision = CLIPVisionConfig.from_pretrained(tower).hidden_size
+    return {"linear_1.weight": (text, vision * layers), "linear_1.bias": (text,),
+            "linear_2.weight": (text, text), "linear_2.bias": (text,)}
 
 
 def _as_list(value) -> list:

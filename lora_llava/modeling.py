@@ -20,6 +20,7 @@ from .loading import (
     image_token_id,
     load_model,
     num_image_tokens,
+    projector_shapes,
     quantization_config,
     resolve_dtype,
 )
@@ -42,7 +43,7 @@ __all__ = [
     "projector_parameters",
     "quantization_config",
     "resolve_dtype",
-    "trainable_to_fp32",
+    "set_trainable_dtype",
 ]
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -76,8 +77,8 @@ def apply_stage(model, recipe: Recipe):
     """Freeze / unfreeze per ``train.stage`` and attach LoRA in stage 2. Returns the model to train.
 
     Stage 1: only the projector trains. Stage 2: LoRA on the language model's q/k/v/o/gate/up/down, projector fully
-    trained, vision tower and everything else frozen. Trainable parameters are kept in fp32 (mixed precision keeps
-    fp32 master weights); the frozen model is not upcast.
+    trained, vision tower and everything else frozen. Trainable parameters are kept in ``train.trainable_dtype``
+    (fp32 by default: mixed precision's master weights); the frozen model is not upcast.
     """
     from peft import get_peft_model
 
@@ -93,16 +94,16 @@ def apply_stage(model, recipe: Recipe):
         model = get_peft_model(model, LoraConfig(target_modules=DUMMY_TARGET_MODULES))
     for _, p in projector_parameters(model):
         p.requires_grad_(True)
-    trainable_to_fp32(model)
+    set_trainable_dtype(model, getattr(torch, recipe.train.trainable_dtype))
     model.config.use_cache = False
     return model
 
 
-def trainable_to_fp32(model) -> None:
-    """Keep trainable weights in fp32 (mixed precision's master weights); frozen weights keep their dtype."""
+def set_trainable_dtype(model, dtype: torch.dtype = torch.float32) -> None:
+    """Cast trainable weights to ``dtype`` (fp32: mixed precision's master weights); frozen weights keep theirs."""
     for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
+        if p.requires_grad and p.dtype != dtype:
+            p.data = p.data.to(dtype)
 
 
 def build_model(recipe: Recipe) -> tuple[Any, Any]:
@@ -111,8 +112,11 @@ def build_model(recipe: Recipe) -> tuple[Any, Any]:
     The model comes from a llava-hf checkpoint, an original LLaVA checkpoint (converted on load) or is assembled from
     ``model.llm`` + ``model.vision_tower``; ``model.projector`` then replaces the projector.
     """
-    # Read first: a missing or malformed projector fails before any weights load.
-    projector = _read_projector(recipe.model.projector) if recipe.model.projector is not None else None
+    # Read and checked first: a missing, malformed or mismatched projector fails before any weights load.
+    projector = None
+    if recipe.model.projector is not None:
+        projector = _read_projector(recipe.model.projector)
+        _check_projector_shapes(recipe.model.projector, projector, projector_shapes(recipe), _model_key(recipe))
     model, processor = load_model(recipe)
     if projector is not None:
         load_projector(model, recipe.model.projector, projector)
@@ -175,6 +179,22 @@ def _read_projector(path: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def _model_key(recipe: Recipe) -> str:
+    m = recipe.model
+    return f"model.llava '{m.llava}'" if m.llava is not None else f"model.llm '{m.llm}'"
+
+
+def _check_projector_shapes(path: str, weights: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]] | None,
+                            model: str = "this model") -> None:
+    """A projector of other shapes (one trained for 7B, given to 13B) is named with both shapes."""
+    for key, shape in (expected or {}).items():
+        if tuple(weights[key].shape) != tuple(shape):
+            raise ModelError(
+                f"model.projector: '{path}' has {key} of shape {tuple(weights[key].shape)}, but {model} needs "
+                f"{tuple(shape)} (a projector trained for another LLM or vision tower?)"
+            )
+
+
 def load_projector(model, path: str, weights: dict[str, torch.Tensor] | None = None) -> None:
     """Copy projector weights from ``path`` (or ``weights`` already read from it) into ``model``; shapes must match
     (a 7B projector does not fit 13B)."""
@@ -182,12 +202,7 @@ def load_projector(model, path: str, weights: dict[str, torch.Tensor] | None = N
     llava = model.get_base_model() if hasattr(model, "get_base_model") else model
     projector = llava.model.multi_modal_projector
     state = projector.state_dict()
-    for key, tensor in weights.items():
-        if tuple(tensor.shape) != tuple(state[key].shape):
-            raise ModelError(
-                f"model.projector: '{path}' has {key} of shape {tuple(tensor.shape)}, but this model needs "
-                f"{tuple(state[key].shape)} (a projector trained for another LLM or vision tower?)"
-            )
+    _check_projector_shapes(path, weights, {k: tuple(v.shape) for k, v in state.items()})
     with torch.no_grad():
         for key, tensor in weights.items():
             state[key].copy_(tensor.to(state[key].dtype))

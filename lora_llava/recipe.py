@@ -222,6 +222,10 @@ _TRAIN_OURS: list[tuple[str, Any, Any, str]] = [
     ("group_by_modality_length", bool, False,
      "batches of one modality (image or text-only) and of similar length, as LLaVA-1.5's fine-tuning does: less "
      "padding, and text-only batches skip the vision tower"),
+    ("trainable_dtype", Literal["float32", "bfloat16"], "float32",
+     "dtype of the trainable weights (LoRA, projector) and so of their optimizer state: float32 = fp32 master "
+     "weights (the default), bfloat16 = half the memory of those weights and their gradients (needs model.dtype "
+     "bfloat16)"),
 ]
 # Defaults from LLaVA-1.5's reference hyperparameters (DESIGN.md section 2); everything else is SFTConfig's.
 _TRAIN_DEFAULTS: dict[str, Any] = {
@@ -529,6 +533,9 @@ def _cross_checks(r: Recipe, check_files: bool = True) -> list[str]:
         p.append(f"lora.r: must be positive, got {r.lora.r}")
     if r.train.projector_lr is not None and r.train.projector_lr < 0:
         p.append(f"train.projector_lr: must be >= 0, got {r.train.projector_lr}")
+    if r.train.trainable_dtype == "bfloat16" and r.model.dtype not in ("bfloat16", "auto"):
+        p.append(f"train.trainable_dtype: bfloat16 needs model.dtype bfloat16 (or auto on a bf16 GPU), got "
+                 f"'{r.model.dtype}'")
     # Both choose the training sampler; transformers 5 spells its group_by_length as a train_sampling_strategy.
     if r.train.group_by_modality_length and r.train.train_sampling_strategy != "random":
         p.append(f"train.group_by_modality_length and train.train_sampling_strategy: both choose the training "

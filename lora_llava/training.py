@@ -56,6 +56,8 @@ class TrainResult:
     processor: Any
     losses: list[float]
     summary: dict[str, Any]
+    main_process: bool = True
+    """False in the processes of rank > 0 of a multi-process run (they write and print nothing)."""
 
 
 def sft_config(recipe: Recipe, model_dtype: torch.dtype):
@@ -63,13 +65,14 @@ def sft_config(recipe: Recipe, model_dtype: torch.dtype):
     from trl import SFTConfig
 
     t = recipe.train
-    ours = {"stage", "projector_lr", "group_by_modality_length"}
-    kwargs = {f.name: getattr(t, f.name) for f in dataclasses.fields(t) if f.name not in ours}
+    kwargs = {f.name: getattr(t, f.name) for f in dataclasses.fields(t) if f.metadata.get("origin") != "lora-llava"}
     # TRL turns bf16 on by default; follow the model's dtype instead, so a CPU run stays in fp32.
     upstream = type(t).upstream_defaults
     if kwargs.get("bf16") == upstream.get("bf16") and kwargs.get("fp16") == upstream.get("fp16"):
         kwargs["bf16"] = model_dtype == torch.bfloat16
         kwargs["fp16"] = model_dtype == torch.float16
+    if not kwargs.get("use_cpu") and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        kwargs["use_cpu"] = True  # several CPU processes (torchrun): accelerate runs DDP over gloo only when told so
     kwargs.update(
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
@@ -252,19 +255,20 @@ def modality_sampler(dataset, args, batch_size: int) -> ModalityLengthGroupedSam
 def answer_only_loss(model, inputs: dict, num_items_in_batch=None):
     """Next-token cross-entropy computed on the supervised positions only.
 
-    The LM head runs on the hidden states of the positions whose next token is a target, so the full
+    The LM head runs only on the positions whose next token is a target (a boolean ``logits_to_keep``), so the full
     (batch x length x 32k) logits are never built: on LLaVA's prompts most positions are image and prompt tokens.
     (TRL's fused head does this with a Triton kernel on GPU but scores every position elsewhere, 3x slower on CPU.)
+    The call goes through ``model`` itself, so a DDP / DeepSpeed / FSDP wrapper sees the forward pass.
     Returns (loss, a small output object with the loss and the number of target tokens).
     """
-    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
     labels = inputs["labels"]
     kwargs = {k: v for k, v in inputs.items() if k != "labels"}
-    hidden = llava.model(**kwargs, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     mask = targets != -100
-    logits = llava.lm_head(hidden[:, :-1][mask]).float()
-    loss = torch.nn.functional.cross_entropy(logits, targets[mask], reduction="sum")
+    # Position i is scored when the token at i + 1 is a target; a boolean mask gives the logits of those rows only.
+    keep = torch.nn.functional.pad(mask, (0, 1), value=False)
+    logits = model(**kwargs, use_cache=False, logits_to_keep=keep).logits
+    loss = torch.nn.functional.cross_entropy(logits.float(), targets[mask], reduction="sum")
     n = num_items_in_batch if num_items_in_batch is not None else mask.sum()
     loss = loss / torch.as_tensor(n, device=loss.device).clamp(min=1)
     return loss, {"loss": loss.detach(), "num_targets": int(mask.sum())}
@@ -290,8 +294,8 @@ def _progress_callback():
         def on_log(self, args, state, control, logs=None, **kwargs):
             if self.bar is not None and logs:
                 shown = {k: f"{logs[k]:.4g}" for k in ("loss", "learning_rate", "eval_loss") if k in logs}
-            if "tokens_per_second" in logs:
-                shown["tok/s"] = f"{logs['tokens_per_second']:.0f}"
+                if "tokens_per_second" in logs:
+                    shown["tok/s"] = f"{logs['tokens_per_second']:.0f}"
                 self.bar.set_postfix(shown, refresh=False)
 
         def on_train_end(self, args, state, control, **kwargs):
@@ -380,6 +384,16 @@ def plot_loss(log_history: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _quiet_other_ranks(launch) -> None:
+    """Only rank 0 prints: the other processes log warnings and errors only, and show no progress bars."""
+    if launch.is_main:
+        return
+    import datasets
+
+    logging.getLogger("lora_llava").setLevel(logging.WARNING)
+    datasets.disable_progress_bars()
+
+
 def train(recipe: Recipe, train_records: Iterable[dict] | None = None,
           eval_records: Iterable[dict] | None = None, resume: str | None = None) -> TrainResult:
     """Run a recipe end to end: setup, train, save. Returns a :class:`TrainResult`.
@@ -387,15 +401,39 @@ def train(recipe: Recipe, train_records: Iterable[dict] | None = None,
     ``train_records`` / ``eval_records`` (LLaVA-format dicts) replace ``data.train`` / ``data.eval`` when given.
     ``resume``: ``auto`` or a checkpoint folder (see :func:`resolve_resume`); the run continues exactly where the
     checkpoint left it (weights, optimizer, scheduler, RNG, data order).
+
+    Under ``torchrun`` / ``accelerate launch`` every process calls this; rank 0 prepares the data (the others read
+    its tokenization cache), prints, and writes the run folder.
     """
     from transformers import PrinterCallback, ProgressCallback, set_seed
 
+    from .distributed import LaunchError, check_launch, detect_launch
+    from .loading import resolve_dtype
+
+    launch = detect_launch(recipe)
+    problems = check_launch(recipe, launch)
+    if problems:
+        where = f" recipe {recipe.source}" if recipe.source else " this recipe"
+        raise LaunchError(f"{launch.describe()} cannot run{where}:\n  - " + "\n  - ".join(problems))
+    _quiet_other_ranks(launch)
     set_seed(recipe.train.seed)
     checkpoint = resolve_resume(recipe, resume)
+    # The arguments come first: they start the process group (and DeepSpeed ZeRO-3's partitioned loading) that
+    # loading the model relies on.
+    args = sft_config(recipe, resolve_dtype(recipe.model.dtype))
+    world = args.world_size
+    logger.info("processes: %d (%s); global batch = %d per device x %d accumulation x %d processes = %d samples",
+                world, launch.describe(), args.per_device_train_batch_size, args.gradient_accumulation_steps, world,
+                args.per_device_train_batch_size * args.gradient_accumulation_steps * world)
+    if recipe.demo is not None:
+        from .demo import prepare_demo
+
+        with args.main_process_first(desc="demo model and data"):
+            prepare_demo(recipe)
     model, processor = build_model(recipe)
     config = model.config
-    train_ds, eval_ds = build_datasets(recipe, processor, config, train_records, eval_records)
-    args = sft_config(recipe, model.get_input_embeddings().weight.dtype)
+    with args.main_process_first(desc="tokenizing"):
+        train_ds, eval_ds = build_datasets(recipe, processor, config, train_records, eval_records)
     collator = LlavaCollator(
         image_processor=processor.image_processor,
         pad_token_id=processor.tokenizer.pad_token_id,
@@ -428,9 +466,10 @@ def train(recipe: Recipe, train_records: Iterable[dict] | None = None,
         trainer._tokens_seen = max((h.get("tokens_seen", 0) for h in history), default=0)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
     out = Path(args.output_dir)
-    if trainer.is_world_process_zero():
+    main = trainer.is_world_process_zero()
+    if main:
         save_run(out, recipe, trainer.model, processor, trainer)
         report = json.dumps(dataclasses.asdict(train_ds.report), indent=1)
         _write_atomic(out / "data_report.json", lambda p: p.write_text(report, encoding="utf-8"))
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return TrainResult(out, trainer.model, processor, losses, summary)
+    return TrainResult(out, trainer.model, processor, losses, summary, main)

@@ -185,6 +185,19 @@ def test_wrong_kind_of_checkpoint_is_named(parts):
         load_model(_recipe(root, llm=str(root / "nowhere")))
 
 
+def test_projector_shapes_from_configs_match_the_loaded_models(parts):
+    """The shapes a stage-2 projector is checked against come from config files alone, for all three layouts."""
+    from lora_llava.loading import projector_shapes
+
+    for kwargs in ({"llava": str(parts["hf"])}, {"llava": str(parts["original"])},
+                   {"llm": str(parts["llm"]), "vision_tower": str(parts["clip"])}):
+        recipe = _recipe(parts["root"], **kwargs)
+        model, _ = load_model(recipe)
+        state = model.model.multi_modal_projector.state_dict()
+        assert projector_shapes(recipe) == {k: tuple(v.shape) for k, v in state.items()}, kwargs
+        assert projector_shapes(recipe)["linear_1.weight"] == (64, 48)
+
+
 def test_original_checkpoint_problems_are_named(parts, tmp_path):
     import shutil
 

@@ -46,8 +46,17 @@ def test_reference_mm_projector_bin(tiny_recipe, tmp_path):
     # A projector made for another LLM width (7B into 13B, say) is named with both shapes.
     torch.save({k: torch.randn(128, *v.shape[1:]) for k, v in ref.items()}, tmp_path / "wide.bin")
     raw["model"]["projector"] = str(tmp_path / "wide.bin")
-    with pytest.raises(ModelError, match=r"has linear_1.weight of shape \(128, 64\), but this model needs \(64, 64\)"):
-        build_model(recipe_from_dict(raw))
+    # ... before any weights load (stage chaining fails fast).
+    import lora_llava.modeling as modeling
+
+    def no_load(recipe):
+        raise AssertionError("weights were loaded before the projector was checked")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(modeling, "load_model", no_load)
+        with pytest.raises(ModelError, match=r"has linear_1.weight of shape \(128, 64\), but model.llava '.*' needs "
+                                             r"\(64, 64\) \(a projector trained for another LLM"):
+            build_model(recipe_from_dict(raw))
     raw["model"]["projector"] = str(tmp_path / "missing")
     with pytest.raises(ModelError, match="model.projector: '.*missing' does not exist"):
         build_model(recipe_from_dict(raw))
