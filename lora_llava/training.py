@@ -165,6 +165,9 @@ def _trainer_class():
                 super()._save_checkpoint(model, trial)
             finally:
                 self.args.save_total_limit = limit
+            # Every process writes into the checkpoint (its RNG state; DeepSpeed its optimizer shard): the marker
+            # goes in only when all of them are done.
+            self.accelerator.wait_for_everyone()
             if self.args.should_save:
                 run_dir = self._get_output_dir(trial=trial)
                 folder = Path(run_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"

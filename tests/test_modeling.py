@@ -88,3 +88,34 @@ def test_flash_attention_without_flash_attn_is_a_clear_error():
     with pytest.raises(ModelError, match="flash_attention_2 asked but"):
         choose_attention("flash_attention_2")
     assert choose_attention("auto") == "sdpa"
+
+
+def test_trainable_dtype_bfloat16_keeps_lora_and_projector_in_bf16_through_the_trainer(tiny_recipe):
+    """train.trainable_dtype: bfloat16 (half the memory of LoRA, projector and their optimizer state) holds through
+    TRL's setup; frozen bf16 weights stay bf16; a float32 model refuses it at recipe time."""
+    from lora_llava.recipe import RecipeError
+    from lora_llava.training import _trainer_class, build_datasets, sft_config
+
+    raw = {k: dict(v) for k, v in tiny_recipe.items()}
+    raw["model"]["dtype"] = "bfloat16"
+    raw["train"].update(trainable_dtype="bfloat16", use_cpu=True, max_steps=2)
+    recipe = recipe_from_dict(raw)
+    model, processor = build_model(recipe)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(p.dtype == torch.bfloat16 for p in trainable.values())
+    before = {n: p.detach().clone() for n, p in trainable.items() if "lora_B" in n or "linear_2" in n}
+    train_ds, _ = build_datasets(recipe, processor, model.config)
+    from lora_llava.data import LlavaCollator
+
+    trainer = _trainer_class()(model=model, args=sft_config(recipe, torch.bfloat16), train_dataset=train_ds.to_hf(),
+                               data_collator=LlavaCollator(processor.image_processor, processor.tokenizer.pad_token_id,
+                                                           recipe.data.image_folder), processing_class=processor)
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    assert all(after[n].dtype == torch.bfloat16 for n in trainable)
+    assert all(not torch.equal(after[n].detach(), v) for n, v in before.items())  # they trained
+    assert next(p for n, p in after.items() if "vision_tower" in n).dtype == torch.bfloat16
+
+    raw["model"]["dtype"] = "float32"
+    with pytest.raises(RecipeError, match="train.trainable_dtype: bfloat16 needs model.dtype bfloat16"):
+        recipe_from_dict(raw)
