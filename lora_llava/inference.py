@@ -159,10 +159,11 @@ def _load_run(root: Path, bits: int | None, dtype: str | None, dev: torch.device
     from peft import PeftModel
     from transformers import AutoProcessor
 
+    from .checkpoints import PROJECTOR_FILE
     from .loading import load_model
     from .modeling import load_projector
     from .recipe import RecipeError, load_recipe
-    from .training import ADAPTER_DIR, PROJECTOR_FILE
+    from .run_folder import ADAPTER_DIR
 
     where = f"run folder '{root}'"
     overrides = ([f"quant.bits={bits}"] if bits is not None else []) + ([f"model.dtype={dtype}"] if dtype else [])

@@ -82,7 +82,7 @@ def format_report(report: dict[str, Any]) -> str:
 
 def write_plot(run_dir: str | Path) -> Path:
     """Write (or rewrite) ``loss.png`` of a run folder: loss and learning rate against step."""
-    from .training import plot_loss
+    from .run_folder import plot_loss
 
     run_dir = Path(run_dir)
     state = json.loads(_state_file(run_dir).read_text())
