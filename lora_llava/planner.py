@@ -220,7 +220,11 @@ def plan(recipe: Recipe, gpu_memory_gb: float, seq_len: int | None = None, shape
     if opt is None:
         opt = 8
         notes.append(f"train.optim {t.optim}: state size unknown to the planner, counted as AdamW (8 bytes/param)")
-    per_trainable = 4 + 4 + opt  # fp32 master weight + fp32 grad + optimizer state
+    if t.trainable_dtype == "bfloat16":
+        # bf16 weight + bf16 grad; a 32-bit optimizer keeps its state in the parameter's dtype (8-bit ones: 8 bits).
+        per_trainable = 2 + 2 + (opt // 2 if opt >= 4 else opt)
+    else:
+        per_trainable = 4 + 4 + opt  # fp32 master weight + fp32 grad + optimizer state
     projector = vd * s.hidden + s.hidden + s.hidden * s.hidden + s.hidden
     parts["projector (weights, grads, optimizer)"] = projector * per_trainable
     n_lora = lora_params(s, recipe.lora.r, recipe.lora.target_modules) if stage2 else 0
@@ -266,6 +270,8 @@ def suggestions(recipe: Recipe, gpu_memory_gb: float, seq_len: int | None = None
         options.append({"quant.bits": 4})
     if _OPTIMIZER_BYTES.get(_optim(t.optim), 8) > 2:
         options.append({"train.optim": "paged_adamw_8bit"})
+    if t.trainable_dtype == "float32" and recipe.model.dtype in ("auto", "bfloat16"):
+        options.append({"train.trainable_dtype": "bfloat16"})
     if t.stage == 2 and recipe.lora.r > 64:
         options.append({"lora.r": 64, "lora.lora_alpha": 2 * 64})
     if recipe.data.max_length > 1024:

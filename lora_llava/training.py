@@ -372,6 +372,10 @@ def train(recipe: Recipe, train_records: Iterable[dict] | None = None,
         f"{summary['total']:,}", f"{summary['trainable']:,}", f"{summary['lora']:,}", f"{summary['projector']:,}",
         summary["quantized_modules"], summary["dtype"], summary["attention"],
     )
+    if recipe.data.padding_free and summary["attention"] != "flash_attention_2":
+        logger.warning("data.padding_free with %s attention: each batch row gets a dense block-causal mask, so "
+                       "attention spans all its samples (slower than padding, see benchmarks/RESULTS.md); it pays off "
+                       "with flash_attention_2", summary["attention"])
     if checkpoint is not None:
         logger.info("resuming from %s", checkpoint)
         history = json.loads((checkpoint / "trainer_state.json").read_text()).get("log_history", [])

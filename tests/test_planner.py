@@ -107,6 +107,11 @@ def test_knobs_move_the_estimate_the_right_way():
     assert with_(quant__bits=16) > peak + 8 * GiB  # 6.5e9 linear weights at 2 bytes instead of ~0.52
     assert with_(lora__r=64) < peak
     assert with_(train__optim="paged_adamw_8bit") < peak
+    # bf16 trainables (LoRA r=128 on 7B, ~320M parameters, and the projector): 16 -> 8 bytes per parameter (AdamW
+    # state in bf16 too).
+    parts = plan(base, 24).parts
+    trainable = parts["LoRA r=128 (weights, grads, optimizer)"] + parts["projector (weights, grads, optimizer)"]
+    assert peak - with_(train__trainable_dtype="bfloat16") == pytest.approx(trainable / 2, rel=1e-6)
     assert with_(train__per_device_train_batch_size=1) < peak
 
 
