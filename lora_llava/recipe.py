@@ -536,6 +536,7 @@ def _cross_checks(r: Recipe, check_files: bool = True) -> list[str]:
     if r.train.trainable_dtype == "bfloat16" and r.model.dtype not in ("bfloat16", "auto"):
         p.append(f"train.trainable_dtype: bfloat16 needs model.dtype bfloat16 (or auto on a bf16 GPU), got "
                  f"'{r.model.dtype}'")
+    p += _report_to_problems(r.train.report_to)
     # Both choose the training sampler; transformers 5 spells its group_by_length as a train_sampling_strategy.
     if r.train.group_by_modality_length and r.train.train_sampling_strategy != "random":
         p.append(f"train.group_by_modality_length and train.train_sampling_strategy: both choose the training "
@@ -549,6 +550,24 @@ def _cross_checks(r: Recipe, check_files: bool = True) -> list[str]:
         if r.data.image_folder is not None and not Path(r.data.image_folder).is_dir():
             p.append(f"data.image_folder: '{r.data.image_folder}' is not a folder")
     return p
+
+
+# train.report_to: the package each of transformers' reporting integrations needs.
+_REPORT_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                    "comet_ml": ("comet_ml",), "trackio": ("trackio",), "swanlab": ("swanlab",)}
+
+
+def _report_to_problems(report_to: Any) -> list[str]:
+    """A ``train.report_to`` integration whose package is missing fails before training starts, not after loading."""
+    import importlib.util
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    problems = []
+    for name in names:
+        packages = _REPORT_PACKAGES.get(name)
+        if packages and not any(importlib.util.find_spec(m) is not None for m in packages):
+            problems.append(f"train.report_to: '{name}' needs the {packages[0]} package (pip install {packages[0]})")
+    return problems
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -46,6 +46,29 @@ def test_upstream_fields_pass_through(tmp_path):
     assert r.quant.bnb_4bit_quant_storage == "bfloat16"
 
 
+def test_report_to_passes_through_and_a_missing_package_is_named(tmp_path, monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from lora_llava.training import sft_config
+
+    real = importlib.util.find_spec
+    installed = {"tensorboard": real("json")}  # any spec: "installed"
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: installed.get(name) if name in ("wandb", "tensorboard", "tensorboardX")
+                        else real(name, *a))
+    r = recipe_from_dict(_minimal(tmp_path, train={"report_to": ["tensorboard"]}))
+    assert sft_config(r, torch.float32).report_to == ["tensorboard"]
+    with pytest.raises(RecipeError, match=r"train.report_to: 'wandb' needs the wandb package \(pip install wandb\)"):
+        recipe_from_dict(_minimal(tmp_path, train={"report_to": "wandb"}))
+    installed.clear()
+    with pytest.raises(RecipeError, match="train.report_to: 'tensorboard' needs the tensorboard package"):
+        recipe_from_dict(_minimal(tmp_path, train={"report_to": ["none", "tensorboard"]}))
+    r = recipe_from_dict(_minimal(tmp_path, train={"report_to": "none"}))
+    assert sft_config(r, torch.float32).report_to == []
+
+
 def test_unknown_key_suggests_the_closest(tmp_path):
     with pytest.raises(RecipeError) as e:
         recipe_from_dict(_minimal(tmp_path, train={"learning_rat": 1e-4}))
