@@ -94,7 +94,12 @@ def apply_stage(model, recipe: Recipe):
         model = get_peft_model(model, LoraConfig(target_modules=DUMMY_TARGET_MODULES))
     for _, p in projector_parameters(model):
         p.requires_grad_(True)
-    set_trainable_dtype(model, getattr(torch, recipe.train.trainable_dtype))
+    dtype = getattr(torch, recipe.train.trainable_dtype)
+    computes = model.get_input_embeddings().weight.dtype
+    if dtype == torch.bfloat16 and computes != torch.bfloat16:
+        raise ModelError(f"train.trainable_dtype: bfloat16 needs a bf16 model, but model.dtype '{recipe.model.dtype}' "
+                         f"gave {str(computes).removeprefix('torch.')} here (no bf16 GPU?); use float32")
+    set_trainable_dtype(model, dtype)
     model.config.use_cache = False
     return model
 

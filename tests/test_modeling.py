@@ -119,3 +119,8 @@ def test_trainable_dtype_bfloat16_keeps_lora_and_projector_in_bf16_through_the_t
     raw["model"]["dtype"] = "float32"
     with pytest.raises(RecipeError, match="train.trainable_dtype: bfloat16 needs model.dtype bfloat16"):
         recipe_from_dict(raw)
+    if not torch.cuda.is_available():  # auto = fp32 on the CPU: refused when the model is built, not mid-step
+        raw["model"]["dtype"] = "auto"
+        with pytest.raises(ModelError, match="train.trainable_dtype: bfloat16 needs a bf16 model, but model.dtype "
+                                             "'auto' gave float32 here"):
+            build_model(recipe_from_dict(raw))
