@@ -24,17 +24,16 @@ def _losses(run: Path) -> list[float]:
     return [h["loss"] for h in history if "loss" in h]
 
 
-def test_two_process_ddp_matches_one_process(tiny_recipe, tmp_path):
-    """torchrun, 2 CPU processes (gloo), 2 samples each == 1 process with 4: same losses, same adapter."""
+def _compare_ddp_with_one_process(raw: dict, tmp_path: Path, one: dict, two: dict) -> list[float]:
+    """Train ``raw`` in this process with the ``one`` train settings and under torchrun (2 CPU processes, gloo)
+    with ``two``; assert equal losses and equal adapter and projector. Returns the losses."""
     from lora_llava.training import train
 
-    raw = dict(tiny_recipe)
-    raw["train"] = {**raw["train"], "dataloader_num_workers": 0}
-    single = train(recipe_from_dict({**raw, "train": {**raw["train"], "output_dir": str(tmp_path / "one")}}))
+    raw = {**raw, "train": {**raw["train"], "dataloader_num_workers": 0}}
+    single = train(recipe_from_dict({**raw, "train": {**raw["train"], **one, "output_dir": str(tmp_path / "one")}}))
 
-    raw["train"] = {**raw["train"], "per_device_train_batch_size": 2, "output_dir": str(tmp_path / "two")}
     recipe = tmp_path / "ddp.yaml"
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe.write_text(yaml.safe_dump({**raw, "train": {**raw["train"], **two, "output_dir": str(tmp_path / "two")}}))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -43,20 +42,47 @@ def test_two_process_ddp_matches_one_process(tiny_recipe, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout + done.stderr
-    assert "global batch = 2 per device x 1 accumulation x 2 processes = 4 samples" in out
+    per_device = two.get("per_device_train_batch_size", raw["train"]["per_device_train_batch_size"])
+    accumulation = two.get("gradient_accumulation_steps", 1)
+    assert (f"global batch = {per_device} per device x {accumulation} accumulation x 2 processes = "
+            f"{per_device * accumulation * 2} samples") in out
     # Only rank 0 prints its results and writes the run folder.
     assert done.stdout.count("run folder:") == 1
     assert out.count("model: 4,") == 1  # the start-of-run summary, once
 
-    two = tmp_path / "two"
-    assert len(single.losses) == 4
-    assert _losses(two) == pytest.approx(single.losses, rel=1e-5)
+    assert len(single.losses) == raw["train"]["max_steps"]
+    assert _losses(tmp_path / "two") == pytest.approx(single.losses, rel=1e-5)
     assert single.losses[-1] < single.losses[0] - 0.5  # it trained: the match is not of two untouched models
     for name in ("adapter/adapter_model.safetensors", "projector.safetensors"):
-        a, b = load_file(str(single.output_dir / name)), load_file(str(two / name))
+        a, b = load_file(str(single.output_dir / name)), load_file(str(tmp_path / "two" / name))
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-4, msg=f"{name}: {key}")
+    return single.losses
+
+
+def test_two_process_ddp_matches_one_process(tiny_recipe, tmp_path):
+    """torchrun, 2 CPU processes (gloo), 2 samples each == 1 process with 4: same losses, same adapter."""
+    _compare_ddp_with_one_process(tiny_recipe, tmp_path, {}, {"per_device_train_batch_size": 2})
+
+
+def test_ddp_with_accumulation_and_text_only_batches(tiny_recipe, shapes_data, tmp_path):
+    """LLaVA-1.5's stage-2 setting: image and text-only samples, modality-grouped batches, gradient accumulation.
+    Text-only steps leave the projector without gradients on every process (DDP must allow unused parameters).
+    2 processes x 2 samples x 2 accumulation == 1 process x 2 samples x 4 accumulation."""
+    folder, train_json, _ = shapes_data
+    records = json.loads(Path(train_json).read_text())
+    for i in range(16):
+        records.append({"id": f"text-{i}", "conversations": [
+            {"from": "human", "value": f"Count to {i % 5 + 2} in words."},
+            {"from": "gpt", "value": " ".join(["one", "two", "three", "four", "five", "six"][: i % 5 + 2]) + "."}]})
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps(records))
+    raw = {**tiny_recipe, "data": {**tiny_recipe["data"], "train": str(mixed)},
+           "train": {**tiny_recipe["train"], "group_by_modality_length": True, "max_steps": 8,
+                     "per_device_train_batch_size": 2}}
+    # 8 steps of 8 samples = the whole epoch, so both text-only megabatches (16 samples) are among them.
+    _compare_ddp_with_one_process(raw, tmp_path, {"gradient_accumulation_steps": 4}, {"gradient_accumulation_steps": 2})
 
 
 def _recipe(tiny_recipe, **quant):
