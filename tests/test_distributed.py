@@ -174,3 +174,37 @@ def test_shipped_accelerate_configs_are_valid():
     assert kinds.keys() == {"ddp", "zero2"}
     assert "MULTI_GPU" in kinds["ddp"] and "DEEPSPEED" in kinds["zero2"]
     assert ClusterConfig.from_yaml_file(str(ROOT / "recipes/accelerate/zero2.yaml")).deepspeed_config["zero_stage"] == 2
+
+
+def test_ddp_sigkill_then_resume_auto_continues_exactly(tiny_recipe, tmp_path):
+    """2 processes: rank 0 SIGKILLed at step 5 (torchrun stops rank 1), `--resume auto` under torchrun again: the
+    later losses and the final weights equal an uninterrupted 2-process run's exactly."""
+    from test_resume import KILLER
+
+    script = tmp_path / "killer.py"
+    script.write_text(KILLER.replace("if kill_step and", "if os.environ.get('RANK') == '0' and kill_step and"))
+    raw = {**tiny_recipe, "train": {**tiny_recipe["train"], "max_steps": 8, "per_device_train_batch_size": 2,
+                                    "save_strategy": "steps", "save_steps": 2, "dataloader_num_workers": 0}}
+
+    def run(name: str, *extra: str, kill: int = 0):
+        recipe = tmp_path / f"{name}.yaml"
+        recipe.write_text(yaml.safe_dump({**raw, "train": {**raw["train"], "output_dir": str(tmp_path / name)}}))
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}", "OMP_NUM_THREADS": "1", "KILL_STEP": str(kill)}
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               str(script), "sft", str(recipe), *extra],
+                              capture_output=True, text=True, env=env, timeout=600)
+
+    ref = run("ref")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    killed = run("crash", kill=5)
+    assert killed.returncode != 0
+    assert (tmp_path / "crash" / "checkpoint-4" / "lora_llava_complete.json").is_file()
+    assert not (tmp_path / "crash" / "checkpoint-6").exists()
+    resumed = run("crash", "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stderr and "checkpoint-4" in resumed.stderr
+    ref_losses, got = _losses(tmp_path / "ref"), _losses(tmp_path / "crash")
+    assert len(got) == 8 and got[4:] == ref_losses[4:]  # steps 5-8, exactly
+    for name in ("adapter/adapter_model.safetensors", "projector.safetensors"):
+        a, b = load_file(str(tmp_path / "ref" / name)), load_file(str(tmp_path / "crash" / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
