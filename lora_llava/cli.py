@@ -509,3 +509,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the output went to `head` or a closed pager: stop quietly
+        sys.stdout = open(os.devnull, "w")  # the interpreter flushes stdout at exit
+        return 0
