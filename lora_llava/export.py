@@ -20,15 +20,14 @@ from typing import Any
 
 import torch
 
-from .loading import (
+from .checkpoint_configs import (
     DEFAULT_VISION_TOWER,
-    added_rows,
     checkpoint_layout,
     llava_config,
     original_text_fields,
-    padded_vocab,
     read_config_dict,
 )
+from .loading import added_rows, padded_vocab
 from .recipe import Recipe, load_recipe
 from .shards import (
     MergeError,
