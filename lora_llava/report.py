@@ -82,12 +82,10 @@ def format_report(report: dict[str, Any]) -> str:
 
 def write_plot(run_dir: str | Path) -> Path:
     """Write (or rewrite) ``loss.png`` of a run folder: loss and learning rate against step."""
-    from .run_folder import plot_loss
+    from .run_folder import plot_loss, write_atomic
 
     run_dir = Path(run_dir)
     state = json.loads(_state_file(run_dir).read_text())
     out = run_dir / "loss.png"
-    tmp = run_dir / ".loss.png.tmp"
-    plot_loss(state.get("log_history", []), tmp)
-    tmp.replace(out)
+    write_atomic(out, lambda tmp: plot_loss(state.get("log_history", []), tmp))
     return out

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import torch
 
 from .checkpoints import CHECKPOINT_MARKER, load_trainable, resolve_resume, save_trainable
 from .data import DataError, LlavaCollator, LlavaDataset, ModalityLengthGroupedSampler
+from .distributed import LaunchError, check_launch, detect_launch
 from .modeling import (
     build_model,
     image_token_id,
@@ -58,7 +58,7 @@ def sft_config(recipe: Recipe, model_dtype: torch.dtype):
     if kwargs.get("bf16") == upstream.get("bf16") and kwargs.get("fp16") == upstream.get("fp16"):
         kwargs["bf16"] = model_dtype == torch.bfloat16
         kwargs["fp16"] = model_dtype == torch.float16
-    if not kwargs.get("use_cpu") and not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if not kwargs.get("use_cpu") and not torch.cuda.is_available() and detect_launch(recipe).world_size > 1:
         kwargs["use_cpu"] = True  # several CPU processes (torchrun): accelerate runs DDP over gloo only when told so
     kwargs.update(
         remove_unused_columns=False,
@@ -319,7 +319,6 @@ def train(recipe: Recipe, train_records: Iterable[dict] | None = None,
     """
     from transformers import PrinterCallback, ProgressCallback, set_seed
 
-    from .distributed import LaunchError, check_launch, detect_launch
     from .loading import resolve_dtype
 
     launch = detect_launch(recipe)
