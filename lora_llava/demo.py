@@ -7,26 +7,20 @@ the same code as a real checkpoint, 4-bit quantization included. The data are PN
 
 from __future__ import annotations
 
-import gzip
 import json
 import logging
 import random
 import re
-import shutil
-import tempfile
-from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw
 
-if TYPE_CHECKING:  # importing recipe loads trl and peft; `data check` only needs the tokenizer from here
-    from .recipe import Recipe
+from .files import atomic_dir, write_text_atomic
+from .llava.tokenizer import add_llava_tokens, image_token_id, vicuna_tokenizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COLOURS", "SHAPES", "evaluate_demo", "make_demo_model", "make_shapes_data", "prepare_demo",
-           "vicuna_tokenizer"]
+__all__ = ["COLOURS", "SHAPES", "evaluate_demo", "make_demo_model", "make_shapes_data", "prepare_demo"]
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -36,17 +30,6 @@ QUESTIONS = (
     "Describe the object in the picture.",
     "What do you see?",
 )
-
-
-def vicuna_tokenizer():
-    """The real Llama-2 / Vicuna-v1.5 tokenizer (32,000 tokens), from the copy shipped in the package."""
-    from transformers import LlamaTokenizer
-
-    data = resources.files("lora_llava").joinpath("assets/llama2-tokenizer.json.gz").read_bytes()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "tokenizer.json"
-        path.write_bytes(gzip.decompress(data))
-        return LlamaTokenizer(tokenizer_file=str(path))
 
 
 def make_demo_model(out_dir: str | Path, image_size: int = 48, seed: int = 0, hidden_size: int = 128) -> Path:
@@ -62,8 +45,6 @@ def make_demo_model(out_dir: str | Path, image_size: int = 48, seed: int = 0, hi
     )
 
     out_dir = Path(out_dir)
-    from .loading import add_llava_tokens
-
     tok = vicuna_tokenizer()
     add_llava_tokens(tok)  # <image> = 32000, <pad> = 32001, as the llava-hf checkpoints have them
     patch = 8
@@ -75,7 +56,7 @@ def make_demo_model(out_dir: str | Path, image_size: int = 48, seed: int = 0, hi
                        # A trained LLM's head gives confident logits; a random one at the usual 0.02 scale cannot
                        # (its largest logit margin stays near 1 with a frozen head), so the loss would barely move.
                        initializer_range=0.1)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id(tok),
                          projector_hidden_act="gelu", vision_feature_layer=-2,
                          vision_feature_select_strategy="default", image_seq_length=(image_size // patch) ** 2,
                          pad_token_id=tok.pad_token_id)
@@ -86,16 +67,9 @@ def make_demo_model(out_dir: str | Path, image_size: int = 48, seed: int = 0, hi
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                image_token="<image>")  # noqa: S106 - a token, not a password
-    tmp = Path(tempfile.mkdtemp(prefix=".model.", dir=out_dir.parent if out_dir.parent.exists() else None))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(tmp), out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
@@ -141,15 +115,11 @@ def make_shapes_data(out_dir: str | Path, train_samples: int, eval_samples: int,
                     {"from": "gpt", "value": f"A {colour} {shape}."},
                 ],
             })
-        path = out_dir / f"{split}.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(records, indent=1), encoding="utf-8")
-        tmp.replace(path)
-        splits[split] = path
+        splits[split] = write_text_atomic(out_dir / f"{split}.json", json.dumps(records, indent=1))
     return splits["train"], splits["eval"]
 
 
-def prepare_demo(recipe: Recipe) -> None:
+def prepare_demo(recipe) -> None:
     """Generate the demo model and data the recipe points at, where they are missing."""
     demo = recipe.demo
     model_dir = Path(recipe.model.llava)
@@ -170,15 +140,16 @@ def _parse(answer: str) -> tuple[str | None, str | None]:
     return (colours[0] if len(set(colours)) == 1 else None), (shapes[0] if len(set(shapes)) == 1 else None)
 
 
-def evaluate_demo(model, processor, eval_file: str | Path, image_folder: str | Path, template: str = "vicuna_v1",
-                  image_aspect_ratio: str = "pad") -> dict:
-    """Greedy answers on the held-out split; accuracy = colour and shape both right (and no other named)."""
-    from .inference import generate_answers
+def evaluate_demo(model, processor, recipe) -> dict:
+    """Greedy answers on the demo's held-out split (``data.eval``); accuracy = colour and shape both right (and no
+    other named). ``train()`` runs this at the end of a demo run (a recipe with a ``demo`` section)."""
+    from .infer.generate import generate_answers
 
-    records = json.loads(Path(eval_file).read_text(encoding="utf-8"))
+    records = json.loads(Path(recipe.data.eval[0]).read_text(encoding="utf-8"))
     prompts = [[("human", r["conversations"][0]["value"])] for r in records]
-    answers = generate_answers(model, processor, prompts, [[r["image"]] for r in records], str(image_folder),
-                               template=template, image_aspect_ratio=image_aspect_ratio, max_new_tokens=8)
+    answers = generate_answers(model, processor, prompts, [[r["image"]] for r in records], recipe.data.image_folder,
+                               template=recipe.template, image_aspect_ratio=recipe.data.image_aspect_ratio,
+                               max_new_tokens=8)
     correct = 0
     examples = []
     for r, a in zip(records, answers):

@@ -1,22 +1,23 @@
 """Analytic peak-GPU-memory estimate for a recipe, from config shapes alone (nothing is downloaded or loaded).
 
 The estimate is what ``torch.cuda.max_memory_allocated`` would report (tensors only), broken down by what holds the
-memory; the fit verdict adds the CUDA context and allocator slack on top. The shapes of Vicuna-7B/13B v1.5 and
-CLIP ViT-L/14-336 ship here, so the planner works offline for the shipped recipes; other checkpoints are read from
-their local ``config.json``.
+memory; the fit verdict adds the CUDA context and allocator slack on top. The shapes come from the recipe's
+:class:`~lora_llava.llava.spec.ModelSpec`; the config fields of the published Vicuna-7B/13B v1.5, LLaVA-1.5 and
+CLIP ViT-L/14-336 checkpoints ship here, so the planner works offline for the shipped recipes; other checkpoints are
+read from their local ``config.json``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
-from pathlib import Path
 from typing import Any
 
-from .recipe import Recipe
+from .errors import ModelError, PlanError
+from .llava.constants import DEFAULT_VISION_TOWER, padded_vocab
+from .llava.spec import ModelSpec
 
-__all__ = ["KNOWN_SHAPES", "Plan", "Shapes", "plan", "shapes_for"]
+__all__ = ["KNOWN_CONFIGS", "Plan", "Shapes", "plan", "shapes_for"]
 
 GiB = 1024**3
 CUDA_CONTEXT = 0.6 * GiB  # CUDA context + cuBLAS workspaces: on the card, not in max_memory_allocated
@@ -44,74 +45,53 @@ class Shapes:
         return (self.image_size // self.patch_size) ** 2
 
 
-_VICUNA_7B = {"hidden": 4096, "intermediate": 11008, "layers": 32, "heads": 32, "kv_heads": 32, "vocab": 32000}
-_VICUNA_13B = {"hidden": 5120, "intermediate": 13824, "layers": 40, "heads": 40, "kv_heads": 40, "vocab": 32000}
-_CLIP_L_336 = {"vision_hidden": 1024, "vision_intermediate": 4096, "vision_layers": 24, "image_size": 336,
-               "patch_size": 14}
-KNOWN_SHAPES: dict[str, dict[str, int]] = {
+# config.json fields of the published checkpoints (what the estimate needs of them).
+_VICUNA_7B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000}
+_VICUNA_13B = {**_VICUNA_7B, "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
+               "num_attention_heads": 40, "num_key_value_heads": 40}
+_CLIP_L_336 = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
+               "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14}
+
+
+def _llava_hf(text: dict) -> dict:
+    return {"model_type": "llava", "text_config": {**text, "vocab_size": 32064}, "vision_config": _CLIP_L_336,
+            "vision_feature_layer": -2, "vision_feature_select_strategy": "default"}
+
+
+def _original(text: dict) -> dict:
+    return {**text, "model_type": "llava_llama", "mm_vision_tower": DEFAULT_VISION_TOWER, "mm_hidden_size": 1024,
+            "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2}
+
+
+KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     "lmsys/vicuna-7b-v1.5": _VICUNA_7B,
     "lmsys/vicuna-13b-v1.5": _VICUNA_13B,
     "meta-llama/Llama-2-7b-hf": _VICUNA_7B,
     "meta-llama/Llama-2-13b-hf": _VICUNA_13B,
-    "llava-hf/llava-1.5-7b-hf": {**_VICUNA_7B, **_CLIP_L_336},
-    "llava-hf/llava-1.5-13b-hf": {**_VICUNA_13B, **_CLIP_L_336},
-    "liuhaotian/llava-v1.5-7b": {**_VICUNA_7B, **_CLIP_L_336},
-    "liuhaotian/llava-v1.5-13b": {**_VICUNA_13B, **_CLIP_L_336},
-    "openai/clip-vit-large-patch14-336": _CLIP_L_336,
+    "llava-hf/llava-1.5-7b-hf": _llava_hf(_VICUNA_7B),
+    "llava-hf/llava-1.5-13b-hf": _llava_hf(_VICUNA_13B),
+    "liuhaotian/llava-v1.5-7b": _original(_VICUNA_7B),
+    "liuhaotian/llava-v1.5-13b": _original(_VICUNA_13B),
+    DEFAULT_VISION_TOWER: _CLIP_L_336,
 }
+"""config.json of the published checkpoints the shipped recipes name, so ``plan`` needs no download."""
 
 
-class PlanError(ValueError):
-    """Shapes that cannot be found offline; names the recipe key."""
-
-
-def _local_config(path: str, key: str) -> dict[str, Any]:
-    p = Path(path) / "config.json"
-    if not p.is_file():
-        raise PlanError(f"{key}: the shapes of '{path}' are unknown offline; give a local checkpoint folder (one with "
-                        f"config.json) or one of: {', '.join(sorted(KNOWN_SHAPES))}")
-    return json.loads(p.read_text(encoding="utf-8"))
-
-
-def _text(c: dict[str, Any]) -> dict[str, int]:
-    return {"hidden": c["hidden_size"], "intermediate": c["intermediate_size"], "layers": c["num_hidden_layers"],
-            "heads": c["num_attention_heads"], "kv_heads": c.get("num_key_value_heads") or c["num_attention_heads"],
-            "vocab": c["vocab_size"]}
-
-
-def _vision(c: dict[str, Any]) -> dict[str, int]:
-    c = c.get("vision_config", c)
-    return {"vision_hidden": c["hidden_size"], "vision_intermediate": c["intermediate_size"],
-            "vision_layers": c["num_hidden_layers"], "image_size": c["image_size"], "patch_size": c["patch_size"]}
-
-
-def _lookup(name: str, key: str) -> dict[str, Any]:
-    if name in KNOWN_SHAPES:
-        return dict(KNOWN_SHAPES[name])
-    c = _local_config(name, key)
-    if c.get("model_type") == "llava":
-        return {**_text(c["text_config"]), **_vision(c["vision_config"])}
-    if "mm_vision_tower" in c:  # original LLaVA: Llama fields + the tower's name
-        return {**_text(c), **_lookup(c["mm_vision_tower"], f"mm_vision_tower of {name}")}
-    if c.get("model_type") in ("clip", "clip_vision_model"):
-        return _vision(c)
-    return _text(c)
-
-
-def shapes_for(recipe: Recipe) -> Shapes:
-    """The model's shapes from the shipped table or local config files."""
-    m = recipe.model
-    if m.llava is not None:
-        found = _lookup(m.llava, "model.llava")
-        if m.vision_tower:
-            found.update(_lookup(m.vision_tower, "model.vision_tower"))
-    else:
-        found = {**_lookup(m.llm, "model.llm"),
-                 **_lookup(m.vision_tower or "openai/clip-vit-large-patch14-336", "model.vision_tower")}
-    if found["vocab"] < 32064:
-        # <image> and <pad> are added and the vocabulary padded to a multiple of 64, as the llava-hf checkpoints do.
-        found["vocab"] = math.ceil((found["vocab"] + 2) / 64) * 64
-    return Shapes(**found)
+def shapes_for(recipe) -> Shapes:
+    """The model's shapes from its :class:`ModelSpec` (local config files, or :data:`KNOWN_CONFIGS`)."""
+    try:
+        spec = ModelSpec.from_recipe(recipe, known=KNOWN_CONFIGS)
+    except ModelError as e:
+        raise PlanError(str(e)) from None
+    t, v = spec.text, spec.vision_config
+    vocab = t["vocab_size"]
+    return Shapes(hidden=t["hidden_size"], intermediate=t["intermediate_size"], layers=t["num_hidden_layers"],
+                  heads=t["num_attention_heads"], kv_heads=t.get("num_key_value_heads") or t["num_attention_heads"],
+                  # <image> and <pad> are added and the vocabulary padded to 64, as the llava-hf checkpoints do.
+                  vocab=padded_vocab(vocab + 2) if vocab < 32064 else vocab,
+                  vision_hidden=v.hidden_size, vision_intermediate=v.intermediate_size,
+                  vision_layers=v.num_hidden_layers, image_size=v.image_size, patch_size=v.patch_size)
 
 
 _OPTIMIZER_BYTES = {  # optimizer state per trainable parameter
@@ -186,7 +166,7 @@ def layer_activation_bytes(s: Shapes, tokens: int, e: int, lora: bool, dropout: 
     return per_token * tokens
 
 
-def plan(recipe: Recipe, gpu_memory_gb: float, seq_len: int | None = None, shapes: Shapes | None = None) -> Plan:
+def plan(recipe, gpu_memory_gb: float, seq_len: int | None = None, shapes: Shapes | None = None) -> Plan:
     """Estimate the peak GPU memory of training ``recipe`` (per device)."""
     s = shapes or shapes_for(recipe)
     t = recipe.train
@@ -253,9 +233,9 @@ def plan(recipe: Recipe, gpu_memory_gb: float, seq_len: int | None = None, shape
     return Plan(parts, notes, gpu_memory_gb * GiB, seq, batch)
 
 
-def suggestions(recipe: Recipe, gpu_memory_gb: float, seq_len: int | None = None) -> list[tuple[str, Plan]]:
+def suggestions(recipe, gpu_memory_gb: float, seq_len: int | None = None) -> list[tuple[str, Plan]]:
     """Changes that make a recipe fit, each alone and then all together: (overrides, plan with them)."""
-    from .recipe import recipe_from_dict
+    from .config.recipe import recipe_from_dict
 
     raw = recipe.to_dict()
     t = recipe.train
@@ -290,7 +270,7 @@ def suggestions(recipe: Recipe, gpu_memory_gb: float, seq_len: int | None = None
     return out
 
 
-def format_plan(recipe: Recipe, p: Plan, source: str, gpu_name: str) -> str:
+def format_plan(recipe, p: Plan, source: str, gpu_name: str) -> str:
     """The estimate as a table, with the verdict."""
     lines = [f"memory plan for {source} (stage {recipe.train.stage}, {recipe.quant.bits}-bit, "
              f"micro-batch {p.batch} x {p.seq_len} tokens, activation checkpointing "

@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def vicuna_tokenizer():
-    from lora_llava.demo import vicuna_tokenizer
+    from lora_llava.llava.tokenizer import vicuna_tokenizer
 
     return vicuna_tokenizer()
 

@@ -1,25 +1,23 @@
-"""The data path: records -> samples -> tokens + labels -> batches."""
+"""The data path: records -> samples -> tokens + labels -> batches; ``check`` runs it over a whole dataset."""
 
 from __future__ import annotations
 
 from .collator import LlavaCollator
-from .dataset import DataReport, LlavaDataset, default_cache_dir
-from .images import ImageError, load_image, resolve_image_path
+from .dataset import LlavaDataset, default_cache_dir
+from .images import load_image, resolve_image_path
+from .report import DataReport, Problem
 from .sampler import ModalityLengthGroupedSampler, modality_length_groups
-from .sources import DataError, Sample, read_records
-from .templates import IMAGE_TAG, TEMPLATES, Template, get_template, register_template
-from .tokenize import IGNORE_INDEX, encode_prompt, encode_sample
+from .sources import Sample, read_records
+from .templates import TEMPLATES, Template, get_template, register_template
+from .tokenize import encode_prompt, encode_sample
 
 __all__ = [
-    "DataReport",
-    "IGNORE_INDEX",
-    "IMAGE_TAG",
     "TEMPLATES",
-    "DataError",
-    "ImageError",
+    "DataReport",
     "LlavaCollator",
     "LlavaDataset",
     "ModalityLengthGroupedSampler",
+    "Problem",
     "Sample",
     "Template",
     "default_cache_dir",
@@ -29,7 +27,6 @@ __all__ = [
     "load_image",
     "modality_length_groups",
     "read_records",
-    "resolve_image_path",
     "register_template",
+    "resolve_image_path",
 ]
-

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import signal
 from collections.abc import Iterable, Iterator
@@ -20,117 +19,21 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .images import ImageError, load_image, resolve_image_path
-from .sources import DataError, Sample, is_hf_source, iter_file, iter_hf, place_image, sample_from_record
-from .templates import IMAGE_TAG, Template, get_template
+from ..errors import DataError, ImageError, UsageError
+from ..files import BadLine, iter_jsonl
+from ..llava.constants import LLAVA15_IMAGE_TOKENS
+from ..llava.tokenizer import image_token_id as tokenizer_image_token_id
+from ..llava.tokenizer import load_tokenizer
+from .images import load_image, resolve_image_path
+from .report import DataReport, Problem
+from .sources import Sample, is_hf_source, iter_file, iter_hf, place_image, sample_from_record
+from .templates import Template, get_template
 from .tokenize import SampleTooLong, encode_sample
 
-__all__ = ["DEFAULT_IMAGE_TOKENS", "CheckReport", "CheckUsageError", "Problem", "check_data", "load_tokenizer"]
+__all__ = ["check_data"]
 
-DEFAULT_IMAGE_TOKENS = 576
-"""Image tokens per image of LLaVA-1.5 (CLIP ViT-L/14 at 336 px: 24 x 24 patches)."""
 _BATCH = 512
 """Records read, and their images sent to the worker pool, at a time: bounds what is in flight."""
-
-
-class CheckUsageError(ValueError):
-    """The check cannot run as asked (a missing data file, an image folder that is not a folder, ...)."""
-
-
-@dataclasses.dataclass
-class Problem:
-    """Why one record (or a whole file) cannot be used."""
-
-    where: str
-    """``file, record N`` (N 0-based, as in training's errors), or the file alone when it cannot be read."""
-    id: str | None
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.where}{'' if self.id is None else f' (id {self.id!r})'}: {self.reason}"
-
-
-@dataclasses.dataclass
-class CheckReport:
-    """Counts and problems of a checked dataset; :meth:`format` is what ``lora-llava data check`` prints."""
-
-    files: int = 0
-    records: int = 0
-    with_image: int = 0
-    """Well-formed records with images; the rest of :attr:`records` are text-only or malformed (bad JSON, schema)."""
-    text_only: int = 0
-    kept: int = 0
-    truncated: int = 0
-    too_long: int = 0
-    lengths: list[int] = dataclasses.field(default_factory=list)
-    """Token lengths before truncation of the records without problems (kept or dropped as too long)."""
-    problems: list[Problem] = dataclasses.field(default_factory=list)
-    template: str = ""
-    max_length: int | None = None
-    num_image_tokens: int = DEFAULT_IMAGE_TOKENS
-    images_decoded: bool = True
-    dump: Path | None = None
-
-    @property
-    def ok(self) -> bool:
-        """No bad record and at least one that would train (training stops on "no usable sample" otherwise)."""
-        return not self.problems and self.kept > 0
-
-    def percentiles(self) -> dict[str, int]:
-        """p50, p90, p99 (nearest rank) and max of :attr:`lengths`; empty when there is none."""
-        values = sorted(self.lengths)
-        if not values:
-            return {}
-        out = {f"p{q}": values[max(0, math.ceil(q / 100 * len(values)) - 1)] for q in (50, 90, 99)}
-        out["max"] = values[-1]
-        return out
-
-    def format(self, max_problems: int = 20) -> str:
-        """A human-readable summary; the first ``max_problems`` problems are listed one a line."""
-        malformed = self.records - self.with_image - self.text_only
-        lines = [f"records: {self.records} in {self.files} file(s): {self.with_image} with image, "
-                 f"{self.text_only} text-only" + (f", {malformed} malformed" if malformed else "")]
-        stats = self.percentiles()
-        if stats:
-            lines.append(f"token lengths (template {self.template}, {self.num_image_tokens} tokens per image, before "
-                         "truncation): " + ", ".join(f"{k} {v}" for k, v in stats.items()))
-        limit = "no max_length" if self.max_length is None else f"max_length {self.max_length}"
-        lines.append(f"{limit}: {self.truncated} truncated, {self.too_long} dropped as too long; "
-                     f"{self.kept} records would train")
-        if not self.images_decoded:
-            lines.append("images: existence checked only (not decoded)")
-        lines.append(f"errors: {len(self.problems)}")
-        lines += [f"  {p}" for p in self.problems[:max_problems]]
-        if len(self.problems) > max_problems:
-            lines.append(f"  ... and {len(self.problems) - max_problems} more")
-        if self.kept == 0:
-            lines.append("no record would train: training would stop with 'no usable sample'")
-        if self.dump is not None:
-            lines.append(f"dump: {self.kept} rows written to {self.dump}")
-        lines.append("OK" if self.ok else "FAILED")
-        return "\n".join(lines)
-
-
-def load_tokenizer(path: str | Path | None = None):
-    """The shipped Vicuna tokenizer, or the one in a local folder (no remote code), with ``<image>`` and ``<pad>``
-    added as the llava-hf checkpoints have them, so ids match what training tokenizes with."""
-    from ..loading import add_llava_tokens
-
-    if path is None:
-        from ..demo import vicuna_tokenizer
-
-        tokenizer = vicuna_tokenizer()
-    else:
-        if not Path(path).is_dir():
-            raise CheckUsageError(f"tokenizer '{path}' is not a local folder")
-        from transformers import AutoTokenizer
-
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-        except (OSError, ValueError, TypeError) as e:
-            raise CheckUsageError(f"cannot load a tokenizer from '{path}' ({str(e).splitlines()[0][:300]})") from None
-    add_llava_tokens(tokenizer)
-    return tokenizer
 
 
 def _strip_where(message: str, where: str) -> str:
@@ -160,20 +63,15 @@ def _iter_items(paths: Iterable[Path]) -> Iterator[tuple[str, int, Any] | _Entry
                 yield str(path), index, record
             continue
         if path.suffix == ".jsonl":
+            # Training stops at the first line that is not JSON; a check goes on to the next.
             try:
-                text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                yield Problem(str(path), None, f"cannot be read ({e})")
-                continue
-            # Line by line here rather than iter_file: training stops at the first bad line, a check goes on.
-            for lineno, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield str(path), lineno - 1, json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield _Entry(f"{path}, record {lineno - 1}", None, None,
-                                 [f"line {lineno} is not valid JSON ({e.msg}, column {e.colno})"])
+                for number, record in iter_jsonl(path, strict=False):
+                    if isinstance(record, BadLine):
+                        yield _Entry(f"{path}, record {number - 1}", None, None, [record.message])
+                    else:
+                        yield str(path), number - 1, record
+            except DataError as e:
+                yield Problem(str(path), None, _strip_where(str(e), str(path)))
             continue
         try:
             records = list(iter_file(path))
@@ -218,41 +116,39 @@ def _parse(item: tuple[str, int, Any]) -> _Entry:
 
 
 def check_data(paths: Iterable[str | Path], image_folder: str | Path | None, template: str | Template = "vicuna_v1",
-               tokenizer=None, max_length: int | None = 2048, num_image_tokens: int = DEFAULT_IMAGE_TOKENS,
+               tokenizer=None, max_length: int | None = 2048, num_image_tokens: int = LLAVA15_IMAGE_TOKENS,
                dump: str | Path | None = None, decode_images: bool = True, workers: int = 1,
-               progress: bool | None = False) -> CheckReport:
-    """Check every record of LLaVA JSON / JSONL files and return a :class:`CheckReport`; never stops at a bad one.
+               progress: bool | None = False) -> DataReport:
+    """Check every record of LLaVA JSON / JSONL files and return a :class:`DataReport`; never stops at a bad one.
 
     ``tokenizer``: a tokenizer that has ``<image>`` (see :func:`load_tokenizer`), a local folder, or None for the
     shipped Vicuna one. ``dump``: a JSONL file that gets ``{"id", "input_ids", "labels"}`` of every record that
     would train, exactly as training sees it; written to a temporary file beside it and renamed at the end, so an
     exception or Ctrl-C leaves no partial file. ``decode_images=False`` only checks that the images exist;
     ``workers > 1`` decodes them in that many processes. ``progress``: show a bar (None: only on a terminal).
-    Raises :class:`CheckUsageError` when the check cannot run as asked.
+    Raises :class:`UsageError` when the check cannot run as asked.
     """
     paths = [Path(p) for p in paths]
     if not paths:
-        raise CheckUsageError("no data file given")
+        raise UsageError("no data file given")
     for p in paths:
         if not p.is_file() and not is_hf_source(str(p)):
-            raise CheckUsageError(f"data file '{p}' does not exist")
+            raise UsageError(f"data file '{p}' does not exist")
     if image_folder is not None and not Path(image_folder).is_dir():
-        raise CheckUsageError(f"image folder '{image_folder}' is not a folder")
+        raise UsageError(f"image folder '{image_folder}' is not a folder")
     if dump is not None and not Path(dump).parent.is_dir():
-        raise CheckUsageError(f"dump file '{dump}': folder '{Path(dump).parent}' does not exist")
+        raise UsageError(f"dump file '{dump}': folder '{Path(dump).parent}' does not exist")
     if workers < 1 or num_image_tokens < 1 or (max_length is not None and max_length < 1):
-        raise CheckUsageError("workers, num_image_tokens and max_length must be at least 1")
+        raise UsageError("workers, num_image_tokens and max_length must be at least 1")
     try:
         tmpl = get_template(template) if isinstance(template, str) else template
     except ValueError as e:
-        raise CheckUsageError(str(e)) from None
+        raise UsageError(str(e)) from None
     if tokenizer is None or isinstance(tokenizer, (str, Path)):
         tokenizer = load_tokenizer(tokenizer)
-    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TAG)
-    if image_token_id is None or image_token_id == tokenizer.unk_token_id:
-        raise CheckUsageError("the tokenizer has no '<image>' token (load_tokenizer adds it)")
+    image_token_id = tokenizer_image_token_id(tokenizer)
 
-    report = CheckReport(files=len(paths), template=tmpl.name, max_length=max_length,
+    report = DataReport(files=len(paths), template=tmpl.name, max_length=max_length,
                          num_image_tokens=num_image_tokens, images_decoded=decode_images)
     # Counting records needs the files parsed; iter_file holds a whole JSON file in memory anyway.
     items = list(_iter_items(paths))
@@ -268,7 +164,7 @@ def check_data(paths: Iterable[str | Path], image_folder: str | Path | None, tem
             try:
                 out = tmp.open("w", encoding="utf-8")
             except OSError as e:
-                raise CheckUsageError(f"cannot write the dump beside '{dump_path}' ({e})") from None
+                raise UsageError(f"cannot write the dump beside '{dump_path}' ({e})") from None
         if workers > 1:
             import multiprocessing
 
@@ -320,7 +216,7 @@ def check_data(paths: Iterable[str | Path], image_folder: str | Path | None, tem
 
 
 def _encode(sample: Sample, entry: _Entry, tokenizer, template: Template, image_token_id: int, num_image_tokens: int,
-            max_length: int | None, report: CheckReport) -> dict[str, Any] | None:
+            max_length: int | None, report: DataReport) -> dict[str, Any] | None:
     """Tokenize as training does and count the outcome; the dump row when the record would train, else None."""
     # Training's default data.image_position (first): the image of the first question goes to its front.
     sample = dataclasses.replace(sample, turns=place_image(sample.turns, "first"))

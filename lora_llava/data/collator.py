@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from .images import CLIP_MEAN, load_image
-from .tokenize import IGNORE_INDEX
+from ..llava.constants import CLIP_MEAN, IGNORE_INDEX
+from .images import load_image
 
 __all__ = ["LlavaCollator"]
 

@@ -8,7 +8,6 @@ cache instead of tokenizing again. Images are not opened here; the collator deco
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -19,41 +18,24 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from .images import ImageError, resolve_image_path
-from .sources import DataError, Sample, iter_raw, place_image, sample_from_record
+from ..errors import DataError, ImageError
+from ..files import cache_root
+from .images import resolve_image_path
+from .report import DataReport, Problem
+from .sources import Sample, iter_raw, place_image, sample_from_record
 from .templates import Template, get_template
 from .tokenize import SampleTooLong, encode_sample
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DataReport", "LlavaDataset", "default_cache_dir"]
+__all__ = ["LlavaDataset", "default_cache_dir"]
 
 _AUTO_PROC_MIN = 5000  # below this many samples, worker processes cost more than they save
 
 
 def default_cache_dir() -> Path:
     """``$LORA_LLAVA_CACHE/tokenized`` (default ``~/.cache/lora_llava/tokenized``)."""
-    return Path(os.environ.get("LORA_LLAVA_CACHE", Path.home() / ".cache" / "lora_llava")) / "tokenized"
-
-
-@dataclasses.dataclass
-class DataReport:
-    """What happened to the records on the way to tokens."""
-
-    total: int = 0
-    kept: int = 0
-    with_image: int = 0
-    truncated: int = 0
-    too_long: int = 0
-    skipped: list[str] = dataclasses.field(default_factory=list)
-    cached: bool = False
-
-    def summary(self) -> str:
-        text = (f"{self.kept}/{self.total} samples kept ({self.with_image} with images); {self.truncated} truncated, "
-                f"{self.too_long} dropped as too long, {len(self.skipped)} skipped as bad")
-        if self.skipped:
-            text += "; first: " + self.skipped[0]
-        return text
+    return cache_root() / "tokenized"
 
 
 class _LazyRecord:
@@ -72,8 +54,8 @@ def _check_records(samples: Iterable[Any], report: DataReport, on_bad_sample: st
             except DataError as e:
                 if on_bad_sample == "error":
                     raise
-                report.total += 1
-                report.skipped.append(str(e))
+                report.records += 1
+                report.problems.append(Problem("", None, str(e)))
                 continue
         out.append(item)
     return out
@@ -143,7 +125,7 @@ class LlavaDataset:
         self.image_folder = image_folder
         self.report = DataReport()
         checked = _check_records(samples, self.report, on_bad_sample)
-        self.report.total += len(checked)
+        self.report.records += len(checked)
         if not checked:
             raise DataError(f"no usable sample: {self.report.summary()}")
         raw = datasets.Dataset.from_dict({
@@ -179,7 +161,7 @@ class LlavaDataset:
         errors = [s[len("error:"):] for s in statuses if s.startswith("error:")]
         if errors and on_bad_sample == "error":
             raise DataError(errors[0])
-        self.report.skipped += errors
+        self.report.problems += [Problem("", None, e) for e in errors]
         self.report.too_long = sum(s.startswith("too_long:") for s in statuses)
         for s in statuses:
             if s.startswith("too_long:"):
@@ -189,6 +171,7 @@ class LlavaDataset:
             encoded.remove_columns(["status"])
         self.report.kept = len(keep)
         self.report.with_image = sum(self.rows["has_image"]) if keep else 0
+        self.report.text_only = self.report.kept - self.report.with_image
         self.report.truncated = sum(self.rows["truncated"]) if keep else 0
         if not keep:
             raise DataError(f"no usable sample: {self.report.summary()}")

@@ -7,16 +7,12 @@ from pathlib import Path
 
 from PIL import Image
 
-__all__ = ["CLIP_MEAN", "ImageError", "expand_to_square", "load_image", "resolve_image_path"]
+from ..errors import ImageError
+from ..llava.constants import CLIP_MEAN
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-"""The CLIP processor's mean colour: LLaVA-1.5 pads with it (``image_aspect_ratio: pad``)."""
+__all__ = ["MAX_PIXELS", "expand_to_square", "load_image", "resolve_image_path"]
 MAX_PIXELS = 64_000_000
 """Images larger than this are refused (decompression-bomb guard); a 336 px model never needs more."""
-
-
-class ImageError(ValueError):
-    """An image that cannot be used; the message names the path."""
 
 
 def resolve_image_path(root: str | Path | None, relative: str) -> Path:

@@ -7,22 +7,19 @@ record and the field.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..errors import DataError
+from ..files import iter_jsonl, read_json
 from .templates import IMAGE_TAG
 
-__all__ = ["DataError", "Sample", "is_hf_source", "iter_file", "iter_hf", "iter_raw", "place_image", "read_records",
+__all__ = ["Sample", "is_hf_source", "iter_file", "iter_hf", "iter_raw", "place_image", "read_records",
            "sample_from_record"]
 
 _ROLES = {"human": "human", "user": "human", "gpt": "gpt", "assistant": "gpt"}
-
-
-class DataError(ValueError):
-    """A bad record or file. The message names the file, record index (0-based) and field."""
 
 
 @dataclasses.dataclass
@@ -96,23 +93,11 @@ def sample_from_record(record: Any, index: int, path: str | None = None) -> Samp
 
 def iter_file(path: Path) -> Iterator[tuple[int, Any]]:
     """(index, raw record) of a JSON list or JSONL file; malformed JSON raises DataError with line and column."""
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".jsonl":
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno - 1, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {lineno} is not valid JSON ({e.msg}, column {e.colno})") from None
+        for number, record in iter_jsonl(path):
+            yield number - 1, record
         return
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-    yield from enumerate(data)
+    yield from enumerate(read_json(path, list, "a JSON list of records"))
 
 
 HF_PREFIX = "hf:"

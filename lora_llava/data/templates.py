@@ -11,14 +11,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-IMAGE_TAG = "<image>"
+from ..llava.constants import IMAGE_TOKEN as IMAGE_TAG
 
 Turn = tuple[str, str]
 """``(role, text)`` with role ``human`` or ``gpt``."""
 Segment = tuple[str, bool]
 """``(text, supervised)``."""
 
-__all__ = ["IMAGE_TAG", "TEMPLATES", "Template", "get_template", "register_template"]
+__all__ = ["TEMPLATES", "Template", "get_template", "register_template"]
 
 
 @dataclasses.dataclass(frozen=True)

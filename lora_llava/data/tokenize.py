@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..llava.constants import IGNORE_INDEX
 from .sources import Sample
 from .templates import IMAGE_TAG, Template
 
-IGNORE_INDEX = -100
-
-__all__ = ["IGNORE_INDEX", "Encoded", "SampleTooLong", "encode_prompt", "encode_sample"]
+__all__ = ["Encoded", "SampleTooLong", "encode_prompt", "encode_sample"]
 
 
 class SampleTooLong(ValueError):

@@ -1,0 +1,289 @@
+"""``lora-llava merge``: a run folder -> a model that plain transformers (llava-hf layout) or the reference code
+(original LLaVA layout) loads, with none of lora-llava's code.
+
+The LoRA adapter is merged into the *unquantized* base weights (or, with ``from_dequantized``, into exactly the NF4
+weights training saw), the trained projector is put in, and the vision tower is copied. The base is streamed tensor by
+tensor from its safetensors (or ``.bin``) shards and written in output shards, so the whole model is never in memory:
+peak memory is about one input shard + one output shard + the adapter. The export is written to a temporary folder
+next to ``out`` and renamed at the end: an interrupted merge never leaves a half export at ``out``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import MergeError
+from ..llava.constants import DEFAULT_VISION_TOWER, padded_vocab
+from ..llava.layouts import EXPORT_INFO_FILE, to_hf, to_internal, to_original
+from ..llava.spec import ModelSpec, llava_config
+from ..llava.tokenizer import image_token_id
+from ..model.loading import added_rows
+from ..run.folder import RunFolder
+from .chat_template import VICUNA_CHAT_TEMPLATE
+from .safetensors_io import ShardWriter, iter_tensors, largest_shard, low_memory_allocator, staging
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MergeResult", "merge"]
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _local(path: str, key: str) -> Path:
+    """A local checkpoint folder for ``path`` (a Hub id is fetched: config, tokenizer and weights only)."""
+    p = Path(path)
+    if p.is_dir():
+        return p
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as e:  # noqa: BLE001 - offline, gated, missing: all mean "give --base"
+        raise MergeError(f"{key}: '{path}' could not be fetched ({e}); pass --base with a local copy") from None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The run folder.
+
+
+class _Run:
+    """What a run folder tells the merge: recipe, adapter (stage 2), projector, processor, the dtype it trained in."""
+
+    def __init__(self, run_dir: Path):
+        run = RunFolder(run_dir)
+        if not run.path.is_dir():
+            raise MergeError(f"run folder '{run_dir}' does not exist")
+        if not run.is_run():
+            raise MergeError(f"'{run_dir}' is not a lora-llava run folder (no {run.recipe_file.name})")
+        self.run = run
+        self.dir = run.path
+        self.recipe = run.read_recipe()
+        if not run.projector_file.is_file():
+            raise MergeError(f"'{run_dir}' has no {run.projector_file.name}: the run did not finish saving")
+        from safetensors.torch import load_file
+
+        self.projector = {"model." + k: v for k, v in load_file(str(run.projector_file)).items()}
+        self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.scale = 0.0
+        if self.recipe.train.stage == 2:
+            self._read_adapter(run.adapter_dir)
+        self.info = run.read_info()
+
+    def _read_adapter(self, folder: Path) -> None:
+        weights, config = RunFolder.adapter_files(folder)
+        if not weights.is_file() or not config.is_file():
+            raise MergeError(f"'{self.dir}' is a stage-2 run without an adapter ({folder} with {config.name} "
+                             f"and {weights.name}): the run did not finish saving")
+        cfg = json.loads(config.read_text())
+        if cfg.get("use_dora"):
+            raise MergeError(f"{config}: DoRA adapters are not supported by lora-llava merge")
+        if cfg.get("fan_in_fan_out"):
+            raise MergeError(f"{config}: fan_in_fan_out adapters are not supported by lora-llava merge")
+        r, alpha = cfg["r"], cfg["lora_alpha"]
+        self.scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        from safetensors.torch import load_file
+
+        raw = load_file(str(weights))
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in raw.items():
+            m = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$", key)
+            if m is None:
+                raise MergeError(f"{weights}: unexpected tensor '{key}' (only LoRA A/B weights can be merged)")
+            parts.setdefault(m.group(1), {})[m.group(2)] = tensor
+        for module, ab in parts.items():
+            if set(ab) != {"A", "B"}:
+                raise MergeError(f"{weights}: module '{module}' has lora_{'A' if 'A' in ab else 'B'} only")
+            self.lora[module] = (ab["A"], ab["B"])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The merge.
+
+@dataclasses.dataclass
+class MergeResult:
+    """What :func:`merge` wrote."""
+
+    out: Path
+    format: str
+    merged_modules: int
+    tensors: int
+    bytes: int
+
+
+def _sources(run: _Run, base: str | None) -> tuple[list[tuple[Path, str]], dict[str, Any], dict[str, Any], dict]:
+    """[(folder, kind)] to stream, the text config, the vision config, and LLaVA settings (layer, strategy, tower)."""
+    spec = ModelSpec.from_recipe(run.recipe, base=base)
+    folder = _local(spec.path, spec.key)
+    settings: dict[str, Any] = {"layer": spec.feature_layer, "strategy": spec.strategy, "tower": spec.vision_path}
+    vision = spec.vision_config.to_dict()
+    if spec.layout == "llava-hf":
+        # The tower travels inside a llava-hf checkpoint; the original layout must name one instead.
+        settings["tower"] = DEFAULT_VISION_TOWER if _is_clip_l_336(vision) else None
+        return [(folder, spec.layout)], spec.text, vision, settings
+    kind = "llava-original" if spec.layout == "llava-original" else "llama"
+    return [(folder, kind), (_local(spec.vision_path, spec.vision_key), "clip")], spec.text, vision, settings
+
+
+def _is_clip_l_336(vision: dict[str, Any]) -> bool:
+    """LLaVA-1.5 freezes openai's CLIP ViT-L/14-336, so a llava-hf tower of that shape is that checkpoint."""
+    shape = (vision.get("hidden_size"), vision.get("num_hidden_layers"), vision.get("image_size"),
+             vision.get("patch_size"))
+    return shape == (1024, 24, 336, 14)
+
+
+def _write_tower(weights: dict[str, torch.Tensor], folder: Path, vision_cfg: dict, final: Path) -> str:
+    """The vision tower of a llava-hf base as a CLIP vision checkpoint; returns the path the export will name."""
+    from safetensors.torch import save_file
+    from transformers import CLIPImageProcessor, CLIPVisionConfig
+
+    folder.mkdir()
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    drop = ("model_type", "transformers_version")
+    config = CLIPVisionConfig(**{k: v for k, v in vision_cfg.items() if k not in drop})
+    config.save_pretrained(str(folder))
+    size = config.image_size
+    CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
+        str(folder))
+    return str(final.resolve())
+
+
+def _dequantizer(recipe, train_dtype: torch.dtype):
+    """W -> the NF4 round trip of W, quantized as training's loader did (same type, block size, double quant)."""
+    if recipe.quant.bits != 4:
+        raise MergeError(f"--from-dequantized needs a 4-bit (QLoRA) run; this run used quant.bits {recipe.quant.bits}")
+    import bitsandbytes.functional as bnbf
+
+    def round_trip(w: torch.Tensor) -> torch.Tensor:
+        q, state = bnbf.quantize_4bit(w.to(train_dtype), quant_type=recipe.quant.bnb_4bit_quant_type,
+                                      compress_statistics=recipe.quant.bnb_4bit_use_double_quant)
+        return bnbf.dequantize_4bit(q, state).float()
+
+    return round_trip
+
+
+def merge(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: str = "bf16", base: str | None = None,
+          from_dequantized: bool = False, overwrite: bool = False, max_shard_size: int | None = None,
+          progress: bool = True) -> MergeResult:
+    """Merge a run folder into an export; see the module docstring. ``format``: ``hf`` or ``llava``."""
+    from tqdm.auto import tqdm
+    from transformers import AutoProcessor
+
+    if format not in ("hf", "llava"):
+        raise MergeError(f"--format {format!r}: choose hf or llava")
+    if dtype not in _DTYPES:
+        raise MergeError(f"--dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
+    out, out_dtype = Path(out), _DTYPES[dtype]
+    run = _Run(Path(run_dir))
+    train_dtype = getattr(torch, run.info.get("dtype", "torch.bfloat16").removeprefix("torch."))
+    round_trip = _dequantizer(run.recipe, train_dtype) if from_dequantized else None
+    try:
+        processor = AutoProcessor.from_pretrained(str(run.dir / "processor"))
+    except (OSError, ValueError) as e:
+        raise MergeError(f"'{run.dir}': its processor/ folder cannot be read ({e})") from None
+    tokenizer = processor.tokenizer
+    vocab = padded_vocab(len(tokenizer))
+    sources, text_cfg, vision_cfg, settings = _sources(run, base)
+    rename = to_hf if format == "hf" else to_original
+    merged: set[str] = set()
+    written: set[str] = set()
+    # The original layout names its vision tower; a llava-hf base of another shape gets its own tower folder.
+    tower: dict[str, torch.Tensor] | None = {} if format == "llava" and settings["tower"] is None else None
+    with staging(out, overwrite) as tmp:
+        # Output shards no larger than the base's own (unless asked): with one input shard mapped and one output
+        # shard buffered, peak memory stays near 2 x the largest shard + the adapter.
+        writer = ShardWriter(tmp, max_shard_size or max(largest_shard(folder) for folder, _ in sources))
+        low_memory_allocator()
+        bar = tqdm(desc=f"merging into {out.name}", unit="tensor", disable=not progress)
+        for folder, kind in sources:
+            for key, tensor in iter_tensors(folder):
+                name = to_internal(key, kind)
+                skip = name is None or name in written or name.startswith("model.multi_modal_projector.") or (
+                    kind == "llava-original" and name.startswith("model.vision_tower."))
+                if skip:
+                    continue
+                module = name.removesuffix(".weight")
+                if module in run.lora:
+                    lora_a, lora_b = run.lora[module]
+                    w = round_trip(tensor) if round_trip else tensor.to(torch.float32, copy=True)
+                    if (lora_b.shape[0], lora_a.shape[1]) != tuple(w.shape):
+                        raise MergeError(f"the adapter does not fit this base: {module} is {tuple(w.shape)} in "
+                                         f"'{folder}' but the adapter's LoRA is {lora_b.shape[0]}x{lora_a.shape[1]} "
+                                         "(an adapter trained on another model?)")
+                    # In place (W += scale * B @ A) to keep fp32 temporaries to one copy of the weight.
+                    tensor = w.addmm_(lora_b.float(), lora_a.float(), alpha=run.scale)
+                    merged.add(module)
+                if name in ("model.language_model.embed_tokens.weight", "lm_head.weight") and tensor.shape[0] < vocab:
+                    # <image> and <pad> rows as training made them (the deterministic mean of the base rows).
+                    base_rows = tensor.to(train_dtype)
+                    tensor = torch.cat([base_rows, added_rows(base_rows, vocab - tensor.shape[0])])
+                written.add(name)
+                if tower is not None and name.startswith("model.vision_tower."):
+                    tower["vision_model." + name.removeprefix("model.vision_tower.")] = tensor.contiguous()
+                target = rename(name)
+                if target is not None:
+                    writer.add(target, tensor.to(out_dtype))
+                bar.update()
+        for name, tensor in run.projector.items():
+            writer.add(rename(name), tensor.to(out_dtype))
+            bar.update()
+        bar.close()
+        missing = sorted(set(run.lora) - merged)
+        if missing:
+            raise MergeError(f"the adapter does not fit this base: {len(missing)} adapted modules are not in it, e.g. "
+                             f"{missing[:3]}")
+        if format == "hf" and not any(n.startswith("model.vision_tower.") for n in written):
+            raise MergeError("no vision tower weights were found in the base")
+        writer.finish()
+        if format == "llava" and settings.get("tower") is None:
+            # A llava-hf base carries its tower inside; the original layout names one: write it next to the model.
+            settings["tower"] = _write_tower(tower, tmp / "vision_tower", vision_cfg, out / "vision_tower")
+        _write_configs(tmp, format, run, processor, text_cfg, vision_cfg, settings, vocab, dtype)
+    logger.info("merged %d LoRA modules; wrote %s (%s layout, %s, %.2f GB)", len(merged), out, format, dtype,
+                writer.total / 1e9)
+    return MergeResult(out, format, len(merged), len(written) + len(run.projector), writer.total)
+
+
+def _write_configs(folder: Path, format: str, run: _Run, processor, text_cfg: dict, vision_cfg: dict,
+                   settings: dict, vocab: int, dtype: str) -> None:
+    from transformers import GenerationConfig, LlamaConfig
+
+    tok = processor.tokenizer
+    drop = ("model_type", "architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype")
+    text = {k: v for k, v in text_cfg.items() if k not in drop}
+    text.update(vocab_size=vocab, pad_token_id=tok.pad_token_id)
+    torch_dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]
+    if format == "hf":
+        vision = {k: v for k, v in vision_cfg.items() if k not in drop}
+        config = llava_config(LlamaConfig(**text), vision, image_token_id(tok), settings["layer"],
+                              settings["strategy"], pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+        config.architectures = ["LlavaForConditionalGeneration"]
+        config.dtype = torch_dtype
+        config.save_pretrained(str(folder))
+        if run.recipe.template == "vicuna_v1":
+            processor.chat_template = VICUNA_CHAT_TEMPLATE
+        processor.save_pretrained(str(folder))
+    else:
+        config = dict(LlamaConfig(**text).to_dict(), model_type="llava_llama", architectures=["LlavaLlamaForCausalLM"],
+                      torch_dtype=torch_dtype, mm_vision_tower=settings["tower"],
+                      mm_hidden_size=vision_cfg["hidden_size"], mm_projector_type="mlp2x_gelu",
+                      mm_vision_select_layer=settings["layer"], mm_vision_select_feature="patch",
+                      mm_use_im_start_end=False, mm_use_im_patch_token=False, mm_patch_merge_type="flat",
+                      image_aspect_ratio=run.recipe.data.image_aspect_ratio, tune_mm_mlp_adapter=False,
+                      freeze_mm_mlp_adapter=False, use_mm_proj=True)
+        for k in ("transformers_version", "dtype"):
+            config.pop(k, None)
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        tok.save_pretrained(str(folder))
+    GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id).save_pretrained(str(folder))
+    (folder / EXPORT_INFO_FILE).write_text(json.dumps({
+        "template": run.recipe.template, "format": format, "dtype": dtype, "run": str(run.dir.resolve()),
+        "stage": run.recipe.train.stage}, indent=2))

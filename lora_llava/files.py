@@ -1,0 +1,117 @@
+"""Files written so that a reader never sees half of one, and the one JSON / JSONL reader whose errors name the line.
+
+Every file and folder lora-llava writes goes through :func:`write_atomic` or :func:`atomic_dir`: written under a
+temporary name beside the target and renamed onto it at the end, so an interrupted command leaves the old file (or
+nothing), never a partial one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError
+
+__all__ = ["BadLine", "atomic_dir", "cache_root", "iter_jsonl", "read_json", "write_atomic", "write_text_atomic"]
+
+
+def cache_root() -> Path:
+    """lora-llava's cache folder: ``$LORA_LLAVA_CACHE``, by default ``~/.cache/lora_llava``."""
+    return Path(os.environ.get("LORA_LLAVA_CACHE", Path.home() / ".cache" / "lora_llava"))
+
+
+def write_atomic(final: str | Path, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` then rename ``tmp`` onto ``final``; on any error (Ctrl-C included) ``tmp`` is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final
+
+
+def write_text_atomic(final: str | Path, text: str) -> Path:
+    """:func:`write_atomic` of a UTF-8 text."""
+    return write_atomic(final, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path, replace: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling folder; it becomes ``final`` only if the block succeeds.
+
+    An existing ``final`` is replaced only when ``replace`` (it is moved aside first and deleted after the rename, so
+    ``final`` is never missing while the old one is still readable).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists() or final.is_symlink():
+            if not replace:
+                raise FileExistsError(f"'{final}' exists")
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            os.replace(final, old / final.name)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class BadLine:
+    """A line of a JSONL file that is not valid JSON (what :func:`iter_jsonl` yields with ``strict=False``)."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"BadLine({self.message!r})"
+
+
+def iter_jsonl(path: str | Path, strict: bool = True) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` of every non-blank line of a JSONL file, numbered from 1.
+
+    A line that is not JSON raises :class:`DataError` naming the file, line and column; with ``strict=False`` it is
+    yielded as a :class:`BadLine` instead, so a checker can go on. An unreadable file raises :class:`DataError`.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot be read ({e})") from None
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as e:
+            message = f"line {number} is not valid JSON ({e.msg}, column {e.colno})"
+            if strict:
+                raise DataError(f"{path}: {message}") from None
+            yield number, BadLine(message)
+
+
+def read_json(path: str | Path, expect: type | None = None, what: str = "") -> Any:
+    """The JSON value of a file; :class:`DataError` naming the file (and line, column) when it is not JSON, or not
+    of type ``expect`` (``what`` describes what was expected)."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot be read ({e})") from None
+    if expect is not None and not isinstance(value, expect):
+        raise DataError(f"{path}: expected {what or expect.__name__}, got {type(value).__name__}")
+    return value

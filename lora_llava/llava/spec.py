@@ -1,0 +1,204 @@
+"""What a recipe's model is, read once from config files (no weights): :class:`ModelSpec`.
+
+The loader, the projector check of stage chaining, the planner and the merge all start from a ``ModelSpec``, so the
+three ways to get a LLaVA-1.5 (a llava-hf checkpoint, an original LLaVA checkpoint, or a Vicuna + a CLIP tower) are
+told apart in one place and each ``config.json`` is parsed once per command.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelError
+from .constants import DEFAULT_VISION_TOWER, image_tokens
+from .layouts import checkpoint_layout, original_text_fields
+
+__all__ = ["ModelSpec", "config_image_token_id", "config_image_tokens", "llava_config", "read_config_dict"]
+
+
+def _check_checkpoint(path: str, key: str) -> None:
+    p = Path(path)
+    looks_local = p.is_absolute() or path.startswith((".", "~")) or p.exists() or path.count("/") != 1
+    if looks_local and not p.exists():
+        raise ModelError(f"{key}: '{path}' does not exist")
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise ModelError(f"{key}: '{path}' has no config.json; is it a model checkpoint folder?")
+    if p.exists() and not p.is_dir():
+        raise ModelError(f"{key}: '{path}' is a file; give the checkpoint's folder")
+
+
+def read_config_dict(path: str, key: str, known: Mapping[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The raw ``config.json`` of a local folder or Hub id (no model class needed, so original LLaVA reads too).
+
+    ``known``: config dicts of Hub ids to use instead of fetching them (the planner ships the published ones); with
+    ``known`` nothing is fetched.
+    """
+    if known is not None and not Path(path).is_dir():
+        if path in known:
+            return dict(known[path])
+        raise ModelError(f"{key}: the shapes of '{path}' are unknown offline; give a local checkpoint folder (one with "
+                         f"config.json) or one of: {', '.join(sorted(known))}")
+    from transformers import PretrainedConfig
+
+    _check_checkpoint(path, key)
+    try:
+        config, _ = PretrainedConfig.get_config_dict(path)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{key}: '{path}' is not a local folder and could not be loaded from the Hub ({e})") from None
+    return config
+
+
+def config_image_token_id(config) -> int:
+    """The ``<image>`` id of a ``LlavaConfig`` (transformers 5 ``image_token_id``, older ``image_token_index``)."""
+    value = getattr(config, "image_token_id", None)
+    return value if value is not None else config.image_token_index
+
+
+def config_image_tokens(config) -> int:
+    """Image tokens per image of a ``LlavaConfig``."""
+    vc = config.vision_config
+    return image_tokens(vc.image_size, vc.patch_size, config.vision_feature_select_strategy)
+
+
+def llava_config(text_config, vision_config, image_token_id: int, feature_layer: int = -2, strategy: str = "default",
+                 **extra: Any):
+    """LLaVA-1.5's ``LlavaConfig``: GELU projector with biases, features of ``feature_layer``, image tokens from the
+    tower's patch grid (plus CLS with the ``full`` strategy)."""
+    from transformers import LlavaConfig
+
+    vc = vision_config if isinstance(vision_config, dict) else vision_config.to_dict()
+    return LlavaConfig(
+        vision_config=vision_config, text_config=text_config, image_token_id=image_token_id,
+        projector_hidden_act="gelu", vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
+        image_seq_length=image_tokens(vc["image_size"], vc["patch_size"], strategy), multimodal_projector_bias=True,
+        **extra,
+    )
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A recipe's model as its config files describe it.
+
+    ``layout``: ``llava-hf`` (loaded as is), ``llava-original`` (converted on load) or ``parts`` (``model.llm`` +
+    ``model.vision_tower``, fresh projector). ``text`` holds the language model's config fields, ``vision_config``
+    the CLIP vision config; ``vision_path`` is the CLIP checkpoint the tower is loaded from (None for llava-hf, which
+    carries its own).
+    """
+
+    layout: str
+    key: str
+    path: str
+    config: dict[str, Any]
+    text: dict[str, Any]
+    vision_config: Any
+    vision_path: str | None
+    vision_key: str
+    feature_layer: Any = -2
+    strategy: str = "default"
+
+    @classmethod
+    def from_recipe(cls, recipe, base: str | None = None,
+                    known: Mapping[str, dict[str, Any]] | None = None) -> ModelSpec:
+        """The spec of ``recipe.model``; ``base`` replaces its checkpoint path (``merge --base``), ``known`` gives
+        config dicts of Hub ids (see :func:`read_config_dict`). Raises :class:`ModelError` naming the recipe key
+        for a checkpoint of a kind lora-llava cannot train."""
+        m = recipe.model
+        if m.llava is not None:
+            key = "--base" if base else "model.llava"
+            path = base or m.llava
+            config = read_config_dict(path, key, known)
+            layout = checkpoint_layout(config)
+            if layout == "llava-hf":
+                return cls._llava_hf(m, key, path, config)
+            if layout == "llava-original":
+                return cls._original(m, key, path, config, known)
+            raise ModelError(f"{key}: '{path}' is a '{config.get('model_type', '?')}' checkpoint, not a LLaVA "
+                             "(llava-hf or original layout); to assemble from a language model set model.llm instead")
+        key = "--base" if base else "model.llm"
+        path = base or m.llm
+        config = read_config_dict(path, key, known)
+        layout = checkpoint_layout(config)
+        if layout != "llama":
+            hint = "; set it as model.llava" if layout.startswith("llava") else ""
+            raise ModelError(f"{key}: '{path}' is a '{config.get('model_type', '?')}' checkpoint, not a Llama / "
+                             f"Vicuna language model{hint}")
+        tower = m.vision_tower or DEFAULT_VISION_TOWER
+        return cls("parts", key, path, config, dict(config), _vision(tower, "model.vision_tower", known), tower,
+                   "model.vision_tower")
+
+    @classmethod
+    def _llava_hf(cls, m, key: str, path: str, config: dict[str, Any]) -> ModelSpec:
+        from transformers import LlavaConfig
+
+        if m.vision_tower is not None:
+            raise ModelError(f"model.vision_tower: '{path}' is a llava-hf checkpoint that brings its own vision "
+                             "tower; remove model.vision_tower")
+        c = LlavaConfig.from_dict(config)
+        return cls("llava-hf", key, path, config, c.text_config.to_dict(), c.vision_config, None, key,
+                   c.vision_feature_layer, c.vision_feature_select_strategy)
+
+    @classmethod
+    def _original(cls, m, key: str, path: str, config: dict[str, Any], known) -> ModelSpec:
+        if config.get("model_type") not in ("llava_llama", "llava", None):
+            raise ModelError(f"{key}: '{path}' is an original LLaVA checkpoint of type '{config['model_type']}'; "
+                             "only the Llama/Vicuna based LLaVA-1.5 (llava_llama) is supported")
+        kind = config.get("mm_projector_type", "linear")
+        if kind != "mlp2x_gelu":
+            raise ModelError(f"{key}: '{path}' has mm_projector_type '{kind}'; LLaVA-1.5 uses mlp2x_gelu")
+        if config.get("mm_use_im_start_end"):
+            raise ModelError(f"{key}: '{path}' uses image start/end tokens (mm_use_im_start_end), which LLaVA-1.5 "
+                             "does not; this checkpoint is not supported")
+        select = config.get("mm_vision_select_feature", "patch")
+        if select not in ("patch", "cls_patch"):
+            raise ModelError(f"{key}: '{path}' has mm_vision_select_feature '{select}' (expected patch)")
+        tower = m.vision_tower or config.get("mm_vision_tower") or DEFAULT_VISION_TOWER
+        vision_key = "model.vision_tower" if m.vision_tower else f"mm_vision_tower of '{path}'"
+        return cls("llava-original", key, path, config, original_text_fields(config),
+                   _vision(tower, vision_key, known), tower, vision_key,
+                   config.get("mm_vision_select_layer", -2), "default" if select == "patch" else "full")
+
+    @property
+    def image_tokens(self) -> int:
+        """Image tokens per image (576 for CLIP ViT-L/14-336)."""
+        vc = self.vision_config
+        return image_tokens(vc.image_size, vc.patch_size, self.strategy)
+
+    @property
+    def text_hidden(self) -> int:
+        return self.text.get("hidden_size", 4096)
+
+    def text_config(self):
+        """The language model's transformers config (a ``LlamaConfig``)."""
+        from transformers import LlamaConfig
+
+        drop = ("model_type", "transformers_version")
+        return LlamaConfig(**{k: v for k, v in self.text.items() if k not in drop})
+
+    def projector_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Shapes of the projector this model has: ``linear_1`` takes the tower's features (of every selected
+        layer), ``linear_2`` maps the LLM's hidden size onto itself."""
+        text = self.text_hidden
+        vision = self.vision_config.hidden_size * len(_as_list(self.feature_layer))
+        if self.layout == "llava-original":
+            vision = self.config.get("mm_hidden_size") or vision
+        return {"linear_1.weight": (text, vision), "linear_1.bias": (text,),
+                "linear_2.weight": (text, text), "linear_2.bias": (text,)}
+
+
+def _vision(path: str, key: str, known) -> Any:
+    """The CLIP vision config of a CLIP checkpoint (a full CLIPModel or a vision-only one), checked to be CLIP."""
+    from transformers import CLIPVisionConfig
+
+    raw = read_config_dict(path, key, known)
+    if checkpoint_layout(raw) != "clip":
+        raise ModelError(f"{key}: '{path}' is a '{raw.get('model_type', '?')}' checkpoint, not a CLIP vision model")
+    if raw.get("model_type") == "clip":
+        raw = raw.get("vision_config") or {}
+    return CLIPVisionConfig(**{k: v for k, v in raw.items() if k not in ("model_type", "transformers_version")})

@@ -1,0 +1,162 @@
+"""Load a LLaVA-1.5 into a transformers ``LlavaForConditionalGeneration`` from the recipe's :class:`ModelSpec`.
+
+1. llava-hf (``llava-hf/llava-1.5-13b-hf``): loaded as is.
+2. original LLaVA (``liuhaotian/llava-v1.5-13b``): Llama keys + ``model.mm_projector.0/.2``, the vision tower named by
+   ``mm_vision_tower`` in its config; converted on load (key renaming, no intermediate copy on disk).
+3. from parts: a Vicuna / Llama checkpoint + a CLIP vision checkpoint (+ a fresh projector for stage 1).
+
+In every case the language model's linear layers are quantized while loading (``quant.bits``), the vision tower,
+projector and ``lm_head`` stay unquantized, the tokenizer gains ``<image>`` and ``<pad>`` the way the llava-hf
+checkpoints do (vocabulary padded to a multiple of 64), and a ``LlavaProcessor`` (CLIP image processor + tokenizer)
+comes back with the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from ..errors import ModelError
+from ..llava.constants import IMAGE_TOKEN, padded_vocab
+from ..llava.layouts import FROM_PRETRAINED_KEY_MAPPING
+from ..llava.spec import ModelSpec, llava_config
+from ..llava.tokenizer import add_llava_tokens, image_token_id
+from .runtime import Runtime, quiet_transformers, runtime
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["added_rows", "grow_vocabulary", "load_model"]
+
+
+def load_model(recipe, spec: ModelSpec | None = None, device_map: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """The LLaVA model (quantized as the recipe says, no stage policy yet) and its processor.
+
+    ``spec`` is the recipe's :class:`ModelSpec` when the caller has it already; ``device_map`` where the weights go
+    (default: the current CUDA device, or the CPU).
+    """
+    spec = spec or ModelSpec.from_recipe(recipe)
+    rt = runtime(recipe, device_map)
+    if spec.layout == "llava-hf":
+        return _load_llava_hf(spec, rt)
+    return _assemble(spec, rt)
+
+
+def _load_llava_hf(spec: ModelSpec, rt: Runtime) -> tuple[Any, Any]:
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(
+        spec.path, dtype=rt.dtype, quantization_config=rt.bnb, attn_implementation=rt.attn, device_map=rt.device_map,
+        trust_remote_code=rt.remote,
+    )
+    processor = AutoProcessor.from_pretrained(spec.path, trust_remote_code=rt.remote)
+    if processor.tokenizer.pad_token_id is None:
+        raise ModelError(f"{spec.key}: the tokenizer of '{spec.path}' has no pad token; llava-hf checkpoints add "
+                         "<pad>")
+    logger.info("model: llava-hf checkpoint %s", spec.path)
+    return model, processor
+
+
+def added_rows(weight: torch.Tensor, new_rows: int) -> torch.Tensor:
+    """Rows for added tokens: the mean of the existing rows (computed in fp32), the same for every new row.
+
+    Deterministic on purpose: ``lora-llava merge`` recomputes them from the base weights and gets the same values,
+    so an export equals the model that trained (transformers' own resizing draws them at random).
+    """
+    return weight.float().mean(dim=0, keepdim=True).to(weight.dtype).expand(new_rows, -1).clone()
+
+
+def grow_vocabulary(model, tokens: int) -> None:
+    """Grow embeddings and ``lm_head`` to hold ``tokens`` tokens (padded to 64); new rows from :func:`added_rows`."""
+    old = model.get_input_embeddings().weight.shape[0]
+    new = padded_vocab(tokens)
+    if new <= old:
+        return
+    embed_old = model.get_input_embeddings().weight.detach()
+    head_old = model.get_output_embeddings().weight.detach()
+    model.resize_token_embeddings(new, mean_resizing=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[old:] = added_rows(embed_old, new - old)
+        model.get_output_embeddings().weight[old:] = added_rows(head_old, new - old)
+
+
+def _image_processor(vision: str, vision_config):
+    from transformers import CLIPImageProcessor
+
+    try:
+        return CLIPImageProcessor.from_pretrained(vision)
+    except (OSError, ValueError):
+        # A vision checkpoint saved without its preprocessor: CLIP's own preprocessing at the tower's resolution.
+        size = vision_config.image_size
+        logger.info("vision tower %s has no preprocessor_config.json: CLIP's preprocessing at %d px", vision, size)
+        return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def _assemble(spec: ModelSpec, rt: Runtime) -> tuple[Any, Any]:
+    """Load the LLM's weights (renamed on the fly) into a LLaVA model, then the CLIP tower, then grow the vocabulary."""
+    from transformers import AutoTokenizer, CLIPVisionModel, LlavaForConditionalGeneration, LlavaProcessor
+
+    weights, key, vision = spec.path, spec.key, spec.vision_path
+    projector_in_checkpoint = spec.layout == "llava-original"
+    key_mapping = FROM_PRETRAINED_KEY_MAPPING["llava-original" if projector_in_checkpoint else "llama"]
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(weights, trust_remote_code=rt.remote)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{key}: '{weights}' has no usable tokenizer ({e})") from None
+    add_llava_tokens(tokenizer)
+    config = llava_config(spec.text_config(), spec.vision_config, image_token_id(tokenizer), spec.feature_layer,
+                          spec.strategy)
+    try:
+        with quiet_transformers():
+            model, info = LlavaForConditionalGeneration.from_pretrained(
+                weights, config=config, key_mapping=key_mapping, dtype=rt.dtype, quantization_config=rt.bnb,
+                attn_implementation=rt.attn, device_map=rt.device_map, output_loading_info=True,
+            )
+    except (RuntimeError, ValueError, OSError) as e:
+        raise ModelError(f"{key}: could not load the weights of '{weights}' ({str(e).splitlines()[0][:300]})") from None
+    expected_missing = ("model.vision_tower.",) + (() if projector_in_checkpoint else ("model.multi_modal_projector.",))
+    missing = [k for k in info["missing_keys"] if not k.startswith(expected_missing)]
+    if missing:
+        raise ModelError(f"{key}: '{weights}' lacks {len(missing)} weights the model needs, e.g. {missing[:3]}")
+    if info.get("mismatched_keys"):
+        raise ModelError(f"{key}: '{weights}' has weights of the wrong shape, e.g. {list(info['mismatched_keys'])[:3]}")
+
+    # transformers remembers the renaming to undo it on save; the model is a llava-hf model now and saves as one.
+    ours = set(key_mapping)
+    model._weight_conversions = [c for c in getattr(model, "_weight_conversions", None) or []
+                                 if not ours & set(_patterns(c))] or None
+
+    with quiet_transformers():
+        try:
+            tower = CLIPVisionModel.from_pretrained(vision, dtype=rt.dtype, attn_implementation=rt.attn)
+        except (RuntimeError, ValueError, OSError) as e:
+            raise ModelError(f"{spec.vision_key}: could not load '{vision}' ({str(e).splitlines()[0][:300]})") from None
+    device = model.get_input_embeddings().weight.device
+    with torch.no_grad():
+        model.model.vision_tower.load_state_dict(tower.state_dict())
+    model.model.vision_tower.to(device)
+    del tower
+    if not projector_in_checkpoint:
+        # A fresh projector, initialised as the reference's nn.Linear layers are (PyTorch's default).
+        for layer in (model.model.multi_modal_projector.linear_1, model.model.multi_modal_projector.linear_2):
+            layer.reset_parameters()
+
+    old_vocab = model.get_input_embeddings().weight.shape[0]
+    grow_vocabulary(model, len(tokenizer))
+    model.config.pad_token_id = model.config.text_config.pad_token_id = tokenizer.pad_token_id
+    processor = LlavaProcessor(
+        image_processor=_image_processor(vision, spec.vision_config), tokenizer=tokenizer,
+        patch_size=spec.vision_config.patch_size, vision_feature_select_strategy=spec.strategy,
+        num_additional_image_tokens=1, image_token=IMAGE_TOKEN,
+    )
+    projector = "from the checkpoint" if projector_in_checkpoint else "freshly initialised"
+    logger.info("model: language model from %s, vision tower from %s, projector %s; vocabulary %d -> %d (<image> %d, "
+                "<pad> %d)", weights, vision, projector, old_vocab, model.get_input_embeddings().weight.shape[0],
+                config.image_token_id, tokenizer.pad_token_id)
+    return model, processor
+
+
+def _patterns(conversion) -> list:
+    value = getattr(conversion, "source_patterns", [])
+    return list(value) if isinstance(value, (list, tuple)) else [value]

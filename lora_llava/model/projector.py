@@ -1,0 +1,80 @@
+"""The projector's weights: which parameters they are, reading them from any file LLaVA keeps them in, checking their
+shapes against the model, and putting them into a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelError
+from ..llava.layouts import projector_key
+
+__all__ = ["PROJECTOR_MODULE", "check_projector_shapes", "load_projector", "projector_parameters", "projector_state",
+           "read_projector"]
+
+PROJECTOR_MODULE = "multi_modal_projector"
+
+
+def projector_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """(name, parameter) of the multimodal projector, whatever wraps the model."""
+    return [(n, p) for n, p in model.named_parameters() if f".{PROJECTOR_MODULE}." in f".{n}"]
+
+
+def projector_state(model) -> dict[str, torch.Tensor]:
+    """The projector's weights in fp32 with llava-hf key names (``multi_modal_projector.linear_1.weight`` ...),
+    whatever wraps the model."""
+    return {f"{PROJECTOR_MODULE}." + n.split(f".{PROJECTOR_MODULE}.", 1)[-1]:
+            p.detach().to("cpu", torch.float32).contiguous() for n, p in projector_parameters(model)}
+
+
+def read_projector(path: str | Path, key: str = "model.projector") -> dict[str, torch.Tensor]:
+    """Projector weights as ``linear_1/linear_2`` tensors from a safetensors file or the reference's
+    ``mm_projector.bin`` (a run folder's file is found by :class:`~lora_llava.run.RunFolder`)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(f"{key}: '{path}' does not exist (expected a run folder with projector.safetensors, "
+                         "a .safetensors file or LLaVA's mm_projector.bin)")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        raw = load_file(str(p))
+    else:
+        # The reference saves mm_projector.bin with torch.save; never unpickle arbitrary objects from it.
+        try:
+            raw = torch.load(str(p), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
+            raise ModelError(f"{key}: '{path}' is not a tensor file ({e})") from None
+    out = {}
+    for name, tensor in raw.items():
+        target = projector_key(name)
+        if target is not None:
+            out[target] = tensor
+    expected = {f"linear_{i}.{w}" for i in (1, 2) for w in ("weight", "bias")}
+    if set(out) != expected:
+        raise ModelError(f"{key}: '{path}' holds {sorted(raw)[:6]}, not a 2-layer LLaVA projector")
+    return out
+
+
+def check_projector_shapes(path: str | Path, weights: dict[str, torch.Tensor],
+                           expected: dict[str, tuple[int, ...]], model: str = "this model",
+                           key: str = "model.projector") -> None:
+    """A projector of other shapes (one trained for 7B, given to 13B) is named with both shapes."""
+    for name, shape in expected.items():
+        if tuple(weights[name].shape) != tuple(shape):
+            raise ModelError(
+                f"{key}: '{path}' has {name} of shape {tuple(weights[name].shape)}, but {model} needs "
+                f"{tuple(shape)} (a projector trained for another LLM or vision tower?)"
+            )
+
+
+def load_projector(model, weights: dict[str, torch.Tensor], path: str | Path = "the projector") -> None:
+    """Copy projector weights (from :func:`read_projector`) into ``model``; shapes must match (a 7B projector does
+    not fit 13B). ``path`` names where they came from in errors."""
+    llava = model.get_base_model() if hasattr(model, "get_base_model") else model
+    projector = llava.model.multi_modal_projector
+    state = projector.state_dict()
+    check_projector_shapes(path, weights, {k: tuple(v.shape) for k, v in state.items()})
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            state[name].copy_(tensor.to(state[name].dtype))

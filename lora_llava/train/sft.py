@@ -1,0 +1,199 @@
+"""``train(recipe)``: recipe -> model, data -> :class:`~lora_llava.train.trainer.LlavaSFTTrainer` -> a run folder.
+
+TRL runs the loop; this module sets it up in order (launch check, arguments, model, tokenized data, trainer), runs it,
+and writes the run folder at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import LlavaDataset
+from ..errors import DataError, LaunchError
+from ..llava.spec import config_image_token_id, config_image_tokens
+from ..model.projector import projector_state
+from ..model.runtime import resolve_dtype
+from ..model.stage import build_model, model_summary
+from ..run.folder import RunFolder
+from .checkpoints import resolve_resume
+from .launch import check_launch, detect_launch, device_map
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TrainResult", "build_datasets", "save_run", "sft_config", "train"]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What :func:`train` returns: the run folder, the trained model and processor, and the loss history."""
+
+    output_dir: Path
+    model: Any
+    processor: Any
+    losses: list[float]
+    summary: dict[str, Any]
+    main_process: bool = True
+    """False in the processes of rank > 0 of a multi-process run (they write and print nothing)."""
+    metrics: dict[str, Any] | None = None
+    """Held-out figures the run computed at the end (the demo's accuracy), None otherwise."""
+
+
+def sft_config(recipe, model_dtype: torch.dtype):
+    """The ``trl.SFTConfig`` of the ``train`` section, with the fields lora-llava manages filled in."""
+    from trl import SFTConfig
+
+    t = recipe.train
+    kwargs = {f.name: getattr(t, f.name) for f in dataclasses.fields(t) if f.metadata.get("origin") != "lora-llava"}
+    # TRL turns bf16 on by default; follow the model's dtype instead, so a CPU run stays in fp32.
+    upstream = type(t).upstream_defaults
+    if kwargs.get("bf16") == upstream.get("bf16") and kwargs.get("fp16") == upstream.get("fp16"):
+        kwargs["bf16"] = model_dtype == torch.bfloat16
+        kwargs["fp16"] = model_dtype == torch.float16
+    if not kwargs.get("use_cpu") and not torch.cuda.is_available() and detect_launch(recipe).world_size > 1:
+        kwargs["use_cpu"] = True  # several CPU processes (torchrun): accelerate runs DDP over gloo only when told so
+    kwargs.update(
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,
+        disable_tqdm=True,  # our own bar shows loss and lr without printing a dict per step
+    )
+    return SFTConfig(**kwargs)
+
+
+def build_datasets(recipe, processor, config, train_records: Iterable[dict] | None = None,
+                   eval_records: Iterable[dict] | None = None) -> tuple[LlavaDataset, LlavaDataset | None]:
+    """Tokenized train (and eval) datasets for the model ``config``: the recipe's files, or records given here."""
+    d = recipe.data
+    if train_records is None and not d.train:
+        raise DataError("data.train: no training data given (LLaVA JSON / JSONL files, Hugging Face datasets, or "
+                        "records passed to train())")
+    common = dict(
+        tokenizer=processor.tokenizer,
+        template=recipe.template,
+        image_token_id=config_image_token_id(config),
+        num_image_tokens=config_image_tokens(config),
+        max_length=d.max_length,
+        image_folder=d.image_folder,
+        on_bad_sample=d.on_bad_sample,
+        num_proc=d.num_proc,
+        cache_dir=d.cache_dir if d.cache else False,
+        image_position=d.image_position,
+        seed=recipe.train.seed,
+    )
+    if train_records is not None:
+        train_ds = LlavaDataset.from_records(train_records, **common)
+    else:
+        train_ds = LlavaDataset.from_files(d.train, **common)
+    logger.info("train data: %s", train_ds.report.summary())
+    eval_ds = None
+    if eval_records is not None:
+        eval_ds = LlavaDataset.from_records(eval_records, **common)
+    elif d.eval:
+        eval_ds = LlavaDataset.from_files(d.eval, **common)
+    return train_ds, eval_ds
+
+
+def _quiet_other_ranks(launch) -> None:
+    """Only rank 0 prints: the other processes log warnings and errors only, and show no progress bars."""
+    if launch.is_main:
+        return
+    import datasets
+
+    logging.getLogger("lora_llava").setLevel(logging.WARNING)
+    datasets.disable_progress_bars()
+
+
+def save_run(output_dir: Path, recipe, model, processor, trainer, data_report) -> None:
+    """Write what a run folder holds: recipe, adapter, projector, processor, trainer state, run info, data report,
+    loss plot (see :class:`~lora_llava.run.folder.RunFolder`)."""
+    from .. import __version__
+
+    run = RunFolder(output_dir)
+    run.write_recipe(recipe)
+    run.write_projector(projector_state(model))
+    if recipe.train.stage == 2:
+        run.write_folder(run.adapter_dir, lambda tmp: model.save_pretrained(str(tmp), save_embedding_layers=False))
+    run.write_folder(run.processor_dir, lambda tmp: processor.save_pretrained(str(tmp)))
+    run.write_trainer_state(trainer.state)
+    # What a merge needs to rebuild exactly what trained: the dtype the base was loaded (and quantized) in.
+    info = {"dtype": str(model.get_input_embeddings().weight.dtype), "lora_llava": __version__,
+            "vocab": model.get_input_embeddings().weight.shape[0]}
+    if torch.cuda.is_available():
+        info["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
+        info["gpu"] = torch.cuda.get_device_name()
+    run.write_json(run.info_file, info)
+    run.write_json(run.data_report_file, data_report.to_json())
+    run.write_loss_plot(trainer.state.log_history)
+
+
+def train(recipe, train_records: Iterable[dict] | None = None, eval_records: Iterable[dict] | None = None,
+          resume: str | None = None, callbacks: Sequence[Any] = ()) -> TrainResult:
+    """Run a recipe end to end: setup, train, save. Returns a :class:`TrainResult`.
+
+    ``train_records`` / ``eval_records`` (LLaVA-format dicts) replace ``data.train`` / ``data.eval`` when given.
+    ``resume``: ``auto`` or a checkpoint folder (see :func:`resolve_resume`); the run continues exactly where the
+    checkpoint left it (weights, optimizer, scheduler, RNG, data order). ``callbacks``: transformers
+    ``TrainerCallback`` s added to the trainer (see :func:`~lora_llava.train.trainer.build_trainer`).
+
+    Under ``torchrun`` / ``accelerate launch`` every process calls this; rank 0 prepares the data (the others read
+    its tokenization cache), prints, and writes the run folder.
+    """
+    from transformers import set_seed
+
+    from .trainer import build_trainer
+
+    launch = detect_launch(recipe)
+    problems = check_launch(recipe, launch)
+    if problems:
+        where = f" recipe {recipe.source}" if recipe.source else " this recipe"
+        raise LaunchError(f"{launch.describe()} cannot run{where}:\n  - " + "\n  - ".join(problems))
+    _quiet_other_ranks(launch)
+    set_seed(recipe.train.seed)
+    checkpoint = resolve_resume(recipe, resume)
+    # The arguments come first: they start the process group (and DeepSpeed ZeRO-3's partitioned loading) that
+    # loading the model relies on.
+    args = sft_config(recipe, resolve_dtype(recipe.model.dtype))
+    world = args.world_size
+    logger.info("processes: %d (%s); global batch = %d per device x %d accumulation x %d processes = %d samples",
+                world, launch.describe(), args.per_device_train_batch_size, args.gradient_accumulation_steps, world,
+                args.per_device_train_batch_size * args.gradient_accumulation_steps * world)
+    if recipe.demo is not None:
+        from ..demo import prepare_demo
+
+        with args.main_process_first(desc="demo model and data"):
+            prepare_demo(recipe)
+    model, processor = build_model(recipe, device_map(launch))
+    with args.main_process_first(desc="tokenizing"):
+        train_ds, eval_ds = build_datasets(recipe, processor, model.config, train_records, eval_records)
+    trainer = build_trainer(recipe, model, processor, train_ds.to_hf(),
+                            eval_ds.to_hf() if eval_ds is not None else None, args=args, callbacks=callbacks)
+    summary = model_summary(trainer.model)
+    logger.info(
+        "model: %s parameters, %s trainable (LoRA %s, projector %s); %d quantized modules; dtype %s; attention %s",
+        f"{summary['total']:,}", f"{summary['trainable']:,}", f"{summary['lora']:,}", f"{summary['projector']:,}",
+        summary["quantized_modules"], summary["dtype"], summary["attention"],
+    )
+    if recipe.data.padding_free and summary["attention"] != "flash_attention_2":
+        logger.warning("data.padding_free with %s attention: each batch row gets a dense block-causal mask, so "
+                       "attention spans all its samples (slower than padding, see benchmarks/RESULTS.md); it pays off "
+                       "with flash_attention_2", summary["attention"])
+    if checkpoint is not None:
+        logger.info("resuming from %s", checkpoint)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    out = Path(args.output_dir)
+    main = trainer.is_world_process_zero()
+    if main:
+        save_run(out, recipe, trainer.model, processor, trainer, train_ds.report)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    result = TrainResult(out, trainer.model, processor, losses, summary, main)
+    if main and recipe.demo is not None and recipe.data.eval:
+        from ..demo import evaluate_demo
+
+        result.metrics = evaluate_demo(trainer.model, processor, recipe)
+    return result

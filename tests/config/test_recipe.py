@@ -1,0 +1,170 @@
+"""Recipes: parsing, overrides, and every error naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lora_llava.config.recipe import apply_overrides, load_recipe, recipe_from_dict
+from lora_llava.errors import RecipeError
+
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+
+
+def _minimal(tmp_path, **sections):
+    data = tmp_path / "train.json"
+    data.write_text("[]")
+    raw = {"model": {"llava": "llava-hf/llava-1.5-7b-hf"}, "data": {"train": str(data)}}
+    for k, v in sections.items():
+        raw.setdefault(k, {}).update(v)
+    return raw
+
+
+def test_defaults_are_llava15_stage2(tmp_path):
+    r = recipe_from_dict(_minimal(tmp_path))
+    assert r.train.stage == 2 and r.template == "vicuna_v1"
+    assert (r.lora.r, r.lora.lora_alpha, r.lora.lora_dropout) == (128, 256, 0.05)
+    assert r.train.learning_rate == 2e-4 and r.train.projector_lr == 2e-5
+    assert r.train.lr_scheduler_type == "cosine" and r.train.warmup_steps == 0.03
+    assert r.quant.bits == 4 and r.quant.bnb_4bit_quant_type == "nf4" and r.quant.bnb_4bit_use_double_quant
+    assert r.data.max_length == 2048 and r.data.image_aspect_ratio == "pad"
+
+
+def test_stage1_defaults_to_plain_template(tmp_path):
+    r = recipe_from_dict(_minimal(tmp_path, train={"stage": 1}, quant={"bits": 16}))
+    assert r.template == "plain"
+
+
+
+def test_upstream_fields_pass_through(tmp_path):
+    # Fields nobody declared here: they come from trl.SFTConfig / peft.LoraConfig / BitsAndBytesConfig.
+    r = recipe_from_dict(_minimal(tmp_path, train={"adam_beta2": 0.95, "optim": "paged_adamw_8bit"},
+                                  lora={"use_rslora": True}, quant={"bnb_4bit_quant_storage": "bfloat16"}))
+    assert r.train.adam_beta2 == 0.95 and r.train.optim == "paged_adamw_8bit"
+    assert r.lora.use_rslora is True
+    assert r.quant.bnb_4bit_quant_storage == "bfloat16"
+
+
+def test_report_to_passes_through_and_a_missing_package_is_named(tmp_path, monkeypatch):
+    import importlib.util
+
+    import torch
+
+    from lora_llava.train.sft import sft_config
+
+    real = importlib.util.find_spec
+    installed = {"tensorboard": real("json")}  # any spec: "installed"
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: installed.get(name) if name in ("wandb", "tensorboard", "tensorboardX")
+                        else real(name, *a))
+    r = recipe_from_dict(_minimal(tmp_path, train={"report_to": ["tensorboard"]}))
+    assert sft_config(r, torch.float32).report_to == ["tensorboard"]
+    with pytest.raises(RecipeError, match=r"train.report_to: 'wandb' needs the wandb package \(pip install wandb\)"):
+        recipe_from_dict(_minimal(tmp_path, train={"report_to": "wandb"}))
+    installed.clear()
+    with pytest.raises(RecipeError, match="train.report_to: 'tensorboard' needs the tensorboard package"):
+        recipe_from_dict(_minimal(tmp_path, train={"report_to": ["none", "tensorboard"]}))
+    r = recipe_from_dict(_minimal(tmp_path, train={"report_to": "none"}))
+    assert sft_config(r, torch.float32).report_to == []
+
+
+def test_unknown_key_suggests_the_closest(tmp_path):
+    with pytest.raises(RecipeError) as e:
+        recipe_from_dict(_minimal(tmp_path, train={"learning_rat": 1e-4}))
+    assert "train.learning_rat: unknown key; did you mean 'learning_rate'?" in str(e.value)
+
+
+def test_unknown_section_suggests_the_closest(tmp_path):
+    raw = _minimal(tmp_path)
+    raw["trian"] = {}
+    with pytest.raises(RecipeError) as e:
+        recipe_from_dict(raw)
+    assert "trian: unknown section; did you mean 'train'?" in str(e.value)
+
+
+def test_wrong_type_names_key_value_and_type(tmp_path):
+    with pytest.raises(RecipeError) as e:
+        recipe_from_dict(_minimal(tmp_path, train={"max_steps": "ten"}, quant={"bits": 3}))
+    msg = str(e.value)
+    assert "train.max_steps: got 'ten' (str); expected int" in msg
+    assert "quant.bits: got 3 (int); expected 4 | 8 | 16" in msg
+
+
+def test_all_problems_reported_together(tmp_path):
+    with pytest.raises(RecipeError) as e:
+        recipe_from_dict(_minimal(tmp_path, model={"atn_implementation": "sdpa"}, lora={"r": "big"},
+                                  train={"stage": 3, "lerning_rate": 1.0}))
+    assert len(e.value.problems) == 4
+    assert str(e.value).startswith("recipe has 4 problems:")
+
+
+def test_managed_field_is_refused_with_the_reason(tmp_path):
+    with pytest.raises(RecipeError) as e:
+        recipe_from_dict(_minimal(tmp_path, train={"max_length": 512}))
+    assert "train.max_length: set by lora-llava, not in a recipe (use data.max_length)" in str(e.value)
+
+
+def test_missing_data_file_is_named(tmp_path):
+    raw = _minimal(tmp_path)
+    raw["data"]["train"] = str(tmp_path / "nope.json")
+    with pytest.raises(RecipeError) as e:
+        recipe_from_dict(raw)
+    assert f"data.train: file '{tmp_path / 'nope.json'}' does not exist" in str(e.value)
+
+
+def test_model_source_required(tmp_path):
+    raw = _minimal(tmp_path)
+    del raw["model"]
+    with pytest.raises(RecipeError, match="set model.llava"):
+        recipe_from_dict(raw)
+
+
+def test_overrides_and_scientific_notation(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(f"model: {{llava: x/y}}\ndata: {{train: {tmp_path / 'train.json'}}}\n"
+                    "train: {learning_rate: 1e-4}\n")
+    (tmp_path / "train.json").write_text("[]")
+    r = load_recipe(path, ["train.max_steps=50", "lora.r=16", "lora.target_modules=[q_proj, v_proj]",
+                           "train.projector_lr=3e-5"])
+    assert isinstance(r.train.learning_rate, float) and r.train.learning_rate == 1e-4
+    assert r.train.max_steps == 50 and r.lora.r == 16 and r.lora.target_modules == ["q_proj", "v_proj"]
+    assert r.train.projector_lr == 3e-5
+
+
+def test_malformed_override(tmp_path):
+    raw, problems = apply_overrides({}, ["train.max_steps", "max_steps=3", "train.x.y=1"])
+    assert len(problems) == 3 and all("expected section.key=value" in p for p in problems)
+
+
+def test_yaml_syntax_error_has_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model:\n  llava: [unclosed\n")
+    with pytest.raises(RecipeError, match=r"not valid YAML at line \d+"):
+        load_recipe(path)
+
+
+def test_yaml_is_safe_loaded(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("model: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(path)
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    r = recipe_from_dict(_minimal(tmp_path, train={"adam_beta2": 0.95}))
+    again = recipe_from_dict(yaml.safe_load(r.to_yaml()))
+    assert again.to_dict() == r.to_dict()
+    assert again.train.adam_beta2 == 0.95
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+def test_every_shipped_recipe_validates(path):
+    text = path.read_text()
+    head = [line for line in text.splitlines()[:4] if line.startswith("#")]
+    assert any(line.startswith("# Launch:") and f"lora-llava sft recipes/{path.name}" in line for line in head), head
+    assert any(line.startswith("# Override:") for line in head), head
+    # Data files of the real recipes live on the user's disk: check everything but their existence.
+    recipe = recipe_from_dict(yaml.safe_load(text), str(path), check_files=False)
+    assert recipe.data.train
