@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .files import atomic_dir, write_text_atomic
+from .files import atomic_dir, read_json, write_text_atomic
 from .llava.tokenizer import add_llava_tokens, image_token_id, vicuna_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def evaluate_demo(model, processor, recipe) -> dict:
     other named). ``train()`` runs this at the end of a demo run (a recipe with a ``demo`` section)."""
     from .infer.generate import generate_answers
 
-    records = json.loads(Path(recipe.data.eval[0]).read_text(encoding="utf-8"))
+    records = read_json(recipe.data.eval[0], list, "a JSON list of records")
     prompts = [[("human", r["conversations"][0]["value"])] for r in records]
     answers = generate_answers(model, processor, prompts, [[r["image"]] for r in records], recipe.data.image_folder,
                                template=recipe.template, image_aspect_ratio=recipe.data.image_aspect_ratio,

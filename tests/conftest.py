@@ -1,7 +1,9 @@
-"""Shared fixtures: a tiny random LLaVA in the llava-hf layout and a small coloured-shapes dataset, built offline."""
+"""Shared fixtures: a tiny random LLaVA in the llava-hf layout, a small coloured-shapes dataset, one recipe builder
+(``make_recipe``) and one cache of trained tiny runs (``trained_run``), all built offline once per test run."""
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 
@@ -10,7 +12,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Tokenized-data caches of the tests go to a fresh folder, never the user's ~/.cache.
+# Tokenized-data and schema caches of the tests go to a fresh folder, never the user's ~/.cache.
 os.environ["LORA_LLAVA_CACHE"] = tempfile.mkdtemp(prefix="lora-llava-test-cache-")
 
 
@@ -50,15 +52,55 @@ def shapes_data(tmp_path_factory):
     return folder, train, eval_
 
 
-@pytest.fixture
-def tiny_recipe(tiny_llava, shapes_data, tmp_path):
-    """A small stage-2 QLoRA recipe (as a dict) over the tiny model and data."""
+@pytest.fixture(scope="session")
+def make_recipe(tiny_llava, shapes_data, tmp_path_factory):
+    """``make_recipe(**sections)``: the tiny stage-2 QLoRA recipe as a dict, each named section updated with the
+    given keys (``make_recipe(quant={"bits": 16}, train={"max_steps": 2})``), with an output folder of its own."""
     folder, train, _ = shapes_data
-    return {
+    base = {
         "model": {"llava": str(tiny_llava)},
         "quant": {"bits": 4},
         "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
         "data": {"train": str(train), "image_folder": str(folder), "template": "vicuna_v1", "max_length": 256},
-        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 4, "per_device_train_batch_size": 4,
-                  "learning_rate": 1e-2, "projector_lr": 1e-2, "logging_steps": 1, "warmup_steps": 0},
+        "train": {"max_steps": 4, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "projector_lr": 1e-2,
+                  "logging_steps": 1, "warmup_steps": 0},
     }
+
+    def make(**sections: dict) -> dict:
+        raw = copy.deepcopy(base)
+        raw["train"]["output_dir"] = str(tmp_path_factory.mktemp("run") / "run")
+        for name, values in sections.items():
+            raw.setdefault(name, {}).update(values)
+        return raw
+
+    return make
+
+
+@pytest.fixture
+def tiny_recipe(make_recipe, tmp_path):
+    """A small stage-2 QLoRA recipe (as a dict) over the tiny model and data, writing to ``tmp_path / "run"``."""
+    return make_recipe(train={"output_dir": str(tmp_path / "run")})
+
+
+@pytest.fixture(scope="session")
+def trained_run(make_recipe):
+    """``trained_run(bits=16, stage=2, owner="")``: a briefly trained tiny run (a ``TrainResult``), trained once per
+    test run for each (bits, stage, owner) and shared by the export and inference tests. Tests that change a run
+    folder copy it first. ``owner`` gives a test module a model of its own where in-memory state matters: on the CPU,
+    bitsandbytes' 4-bit layers change their later outputs (by ~1e-2 in the logits) after their first forward in eval
+    mode, so a test comparing with the train-mode forward needs a model nothing else has run."""
+    from lora_llava.config.recipe import recipe_from_dict
+    from lora_llava.train.sft import train
+
+    cache = {}
+
+    def get(bits: int = 16, stage: int = 2, owner: str = ""):
+        key = (bits, stage, owner)
+        if key not in cache:
+            # data.template auto: plain for stage 1 (captioning), vicuna_v1 for stage 2, as the recipes have it.
+            raw = make_recipe(model={"attn_implementation": "sdpa"}, quant={"bits": bits}, data={"template": "auto"},
+                              train={"stage": stage, "learning_rate": 2e-2})
+            cache[key] = train(recipe_from_dict(raw))
+        return cache[key]
+
+    return get

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ..errors import DataError, ImageError, UsageError
-from ..files import BadLine, iter_jsonl
+from ..files import BadLine, iter_jsonl, write_atomic
 from ..llava.constants import LLAVA15_IMAGE_TOKENS
 from ..llava.tokenizer import image_token_id as tokenizer_image_token_id
 from ..llava.tokenizer import load_tokenizer
@@ -153,23 +152,11 @@ def check_data(paths: Iterable[str | Path], image_folder: str | Path | None, tem
     # Counting records needs the files parsed; iter_file holds a whole JSON file in memory anyway.
     items = list(_iter_items(paths))
     folder = None if image_folder is None else str(image_folder)
-    dump_path = None if dump is None else Path(dump)
-    tmp = None if dump_path is None else dump_path.with_name(f".{dump_path.name}.{os.getpid()}.tmp")
-    out = None
     pool = None
     bar = tqdm(total=len(items), desc="checking", unit="record", dynamic_ncols=True,
                disable=None if progress is None else not progress)
-    try:
-        if tmp is not None:
-            try:
-                out = tmp.open("w", encoding="utf-8")
-            except OSError as e:
-                raise UsageError(f"cannot write the dump beside '{dump_path}' ({e})") from None
-        if workers > 1:
-            import multiprocessing
 
-            # spawn, not fork: the tokenizer's threads and torch are already loaded in this process.
-            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_ignore_sigint)
+    def check(out) -> None:
         for start in range(0, len(items), _BATCH):
             batch = items[start:start + _BATCH]
             entries = [item if isinstance(item, (_Entry, Problem)) else _parse(item) for item in batch]
@@ -197,16 +184,26 @@ def check_data(paths: Iterable[str | Path], image_folder: str | Path | None, tem
                         out.write(json.dumps(row, separators=(",", ":")) + "\n")
                 if entry.reasons:
                     report.problems.append(Problem(entry.where, entry.id, "; ".join(entry.reasons)))
-        if out is not None:
-            out.close()
-            os.replace(tmp, dump_path)
-            report.dump = dump_path
-    except BaseException:
-        # Ctrl-C included: nothing half-written is left where the dump was asked for.
-        if out is not None:
-            out.close()
-            tmp.unlink(missing_ok=True)
-        raise
+
+    def check_into(tmp: Path) -> None:
+        try:
+            out = tmp.open("w", encoding="utf-8")
+        except OSError as e:
+            raise UsageError(f"cannot write the dump beside '{dump}' ({e})") from None
+        with out:
+            check(out)
+
+    try:
+        if workers > 1:
+            import multiprocessing
+
+            # spawn, not fork: the tokenizer's threads and torch are already loaded in this process.
+            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_ignore_sigint)
+        if dump is None:
+            check(None)
+        else:
+            # Written beside the dump and renamed at the end: an error or Ctrl-C leaves no partial file.
+            report.dump = write_atomic(dump, check_into)
     finally:
         bar.close()
         if pool is not None:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import MergeError
+from ..files import read_json
 from ..llava.constants import DEFAULT_VISION_TOWER, padded_vocab
 from ..llava.layouts import EXPORT_INFO_FILE, to_hf, to_internal, to_original
 from ..llava.spec import ModelSpec, llava_config
@@ -82,7 +83,7 @@ class _Run:
         if not weights.is_file() or not config.is_file():
             raise MergeError(f"'{self.dir}' is a stage-2 run without an adapter ({folder} with {config.name} "
                              f"and {weights.name}): the run did not finish saving")
-        cfg = json.loads(config.read_text())
+        cfg = read_json(config, dict, "an adapter config (a JSON object)")
         if cfg.get("use_dora"):
             raise MergeError(f"{config}: DoRA adapters are not supported by lora-llava merge")
         if cfg.get("fan_in_fan_out"):
@@ -106,6 +107,7 @@ class _Run:
 
 # --------------------------------------------------------------------------------------------------------------------
 # The merge.
+
 
 @dataclasses.dataclass
 class MergeResult:
@@ -185,7 +187,7 @@ def merge(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: str =
     train_dtype = getattr(torch, run.info.get("dtype", "torch.bfloat16").removeprefix("torch."))
     round_trip = _dequantizer(run.recipe, train_dtype) if from_dequantized else None
     try:
-        processor = AutoProcessor.from_pretrained(str(run.dir / "processor"))
+        processor = AutoProcessor.from_pretrained(str(run.run.processor_dir))
     except (OSError, ValueError) as e:
         raise MergeError(f"'{run.dir}': its processor/ folder cannot be read ({e})") from None
     tokenizer = processor.tokenizer

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from ..errors import MergeError
-from ..files import atomic_dir
+from ..files import atomic_dir, read_json
 
 __all__ = ["ShardWriter", "iter_tensors", "largest_shard", "low_memory_allocator", "read_safetensors",
            "release_memory", "shard_files", "staging", "write_safetensors"]
@@ -78,7 +78,7 @@ def release_memory() -> None:
 def shard_files(folder: Path) -> list[Path]:
     for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
         if (folder / index).is_file():
-            weight_map = json.loads((folder / index).read_text())["weight_map"]
+            weight_map = read_json(folder / index, dict, "a shard index (a JSON object)")["weight_map"]
             return [folder / f for f in dict.fromkeys(weight_map.values())]
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
     if not files:

@@ -14,6 +14,7 @@ from ..data import get_template
 from ..errors import DataError, InferenceError, ModelError, RecipeError
 from ..files import read_json
 from ..llava.layouts import EXPORT_INFO_FILE, checkpoint_layout
+from ..llava.spec import read_config_dict
 from ..run.folder import RunFolder
 
 logger = logging.getLogger(__name__)
@@ -199,8 +200,10 @@ def _load_checkpoint(root: Path, bits: int | None, dtype: str | None, dev: torch
     from ..config.recipe import recipe_from_dict
     from ..model.loading import load_model
 
-    config_file = root / "config.json"
-    config = _json_object(config_file, "a model config (a JSON object)")
+    try:
+        config = read_config_dict(str(root), "model.llava")  # parsed once: the loader reads the same dict
+    except ModelError as e:
+        raise InferenceError(str(e).removeprefix("model.llava: ")) from None
     layout = checkpoint_layout(config)
     if layout not in ("llava-hf", "llava-original"):
         raise InferenceError(f"'{root}' holds a '{config.get('model_type', '?')}' checkpoint, not a LLaVA model "

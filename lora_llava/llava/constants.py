@@ -1,4 +1,4 @@
-"""Facts of LLaVA-1.5 that more than one part of lora-llava needs (DESIGN.md section 2), each stated once."""
+"""LLaVA-1.5 facts (from its reference implementation) that several parts of lora-llava need, each stated once."""
 
 from __future__ import annotations
 

@@ -7,12 +7,14 @@ told apart in one place and each ``config.json`` is parsed once per command.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelError
+from ..errors import DataError, ModelError
+from ..files import read_json
 from .constants import DEFAULT_VISION_TOWER, image_tokens
 from .layouts import checkpoint_layout, original_text_fields
 
@@ -30,20 +32,33 @@ def _check_checkpoint(path: str, key: str) -> None:
         raise ModelError(f"{key}: '{path}' is a file; give the checkpoint's folder")
 
 
+_READ: dict[tuple[str, int], dict[str, Any]] = {}
+"""config.json files already parsed in this process, by path and modification time: each is parsed once."""
+
+
 def read_config_dict(path: str, key: str, known: Mapping[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The raw ``config.json`` of a local folder or Hub id (no model class needed, so original LLaVA reads too).
 
     ``known``: config dicts of Hub ids to use instead of fetching them (the planner ships the published ones); with
-    ``known`` nothing is fetched.
+    ``known`` nothing is fetched. A local file is parsed once per process (until it changes).
     """
     if known is not None and not Path(path).is_dir():
         if path in known:
-            return dict(known[path])
+            return copy.deepcopy(known[path])
         raise ModelError(f"{key}: the shapes of '{path}' are unknown offline; give a local checkpoint folder (one with "
                          f"config.json) or one of: {', '.join(sorted(known))}")
+    _check_checkpoint(path, key)
+    file = Path(path) / "config.json"
+    if file.is_file():
+        stamp = (str(file.resolve()), file.stat().st_mtime_ns)
+        if stamp not in _READ:
+            try:
+                _READ[stamp] = read_json(file, dict, "a model config (a JSON object)")
+            except DataError as e:
+                raise ModelError(f"{key}: {e}") from None
+        return copy.deepcopy(_READ[stamp])
     from transformers import PretrainedConfig
 
-    _check_checkpoint(path, key)
     try:
         config, _ = PretrainedConfig.get_config_dict(path)
     except (OSError, ValueError) as e:

@@ -44,11 +44,11 @@ def load_model(recipe, spec: ModelSpec | None = None, device_map: dict[str, Any]
 
 
 def _load_llava_hf(spec: ModelSpec, rt: Runtime) -> tuple[Any, Any]:
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(
-        spec.path, dtype=rt.dtype, quantization_config=rt.bnb, attn_implementation=rt.attn, device_map=rt.device_map,
-        trust_remote_code=rt.remote,
+        spec.path, config=LlavaConfig.from_dict(spec.config), dtype=rt.dtype, quantization_config=rt.bnb,
+        attn_implementation=rt.attn, device_map=rt.device_map, trust_remote_code=rt.remote,
     )
     processor = AutoProcessor.from_pretrained(spec.path, trust_remote_code=rt.remote)
     if processor.tokenizer.pad_token_id is None:
@@ -129,7 +129,8 @@ def _assemble(spec: ModelSpec, rt: Runtime) -> tuple[Any, Any]:
 
     with quiet_transformers():
         try:
-            tower = CLIPVisionModel.from_pretrained(vision, dtype=rt.dtype, attn_implementation=rt.attn)
+            tower = CLIPVisionModel.from_pretrained(vision, config=spec.vision_config, dtype=rt.dtype,
+                                                    attn_implementation=rt.attn)
         except (RuntimeError, ValueError, OSError) as e:
             raise ModelError(f"{spec.vision_key}: could not load '{vision}' ({str(e).splitlines()[0][:300]})") from None
     device = model.get_input_embeddings().weight.device

@@ -116,7 +116,7 @@ class RunFolder:
         if self.trainer_state_file.is_file():
             return self.trainer_state_file
         checkpoint = self.last_checkpoint()
-        return checkpoint / "trainer_state.json" if checkpoint is not None else None
+        return RunFolder(checkpoint).trainer_state_file if checkpoint is not None else None
 
     # ---------------------------------------------------------------------------------------------------------------
     # Checkpoints.

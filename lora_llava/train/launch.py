@@ -10,12 +10,12 @@ any weights load.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from ..errors import LaunchError
+from ..errors import DataError, LaunchError
+from ..files import read_json
 
 __all__ = ["Launch", "check_launch", "detect_launch", "device_map"]
 
@@ -55,9 +55,9 @@ def _zero_stage(recipe) -> int | None:
         if not path.is_file():
             raise LaunchError(f"train.deepspeed: '{ds}' does not exist (a DeepSpeed JSON config)")
         try:
-            ds = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise LaunchError(f"train.deepspeed: '{ds}' is not valid JSON ({e})") from None
+            ds = read_json(path)
+        except DataError as e:
+            raise LaunchError(f"train.deepspeed: {e}") from None
     if isinstance(ds, dict):
         stage = ds.get("zero_optimization", {}).get("stage")
         return int(stage) if isinstance(stage, (int, str)) and str(stage).isdigit() else None

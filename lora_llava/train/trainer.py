@@ -85,7 +85,7 @@ class LlavaSFTTrainer(SFTTrainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         folder = Path(resume_from_checkpoint)
         load_trainable(model if model is not None else self.model, folder)
-        state = folder / "trainer_state.json"
+        state = RunFolder(folder).trainer_state_file
         if state.is_file():
             history = read_json(state, dict).get("log_history", [])
             self.tokens_seen = max((h.get("tokens_seen", 0) for h in history), default=0)

@@ -62,10 +62,9 @@ def test_validate_keys_lists_upstream_fields():
     assert "  stage: 1 | 2 = 2  [lora-llava]" in r.stdout
 
 
-def test_sft_end_to_end(tiny_recipe, tiny_llava, tmp_path):
+def test_sft_end_to_end(make_recipe, tiny_llava, tmp_path):
     """Train briefly through the real CLI; the loss falls, LoRA and projector change, frozen weights do not."""
-    raw = {k: dict(v) for k, v in tiny_recipe.items()}
-    raw["train"].update(max_steps=12, per_device_train_batch_size=8, learning_rate=1e-2, projector_lr=1e-2)
+    raw = make_recipe(train={"max_steps": 12, "per_device_train_batch_size": 8, "output_dir": str(tmp_path / "run")})
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     r = _cli("sft", recipe, "train.logging_steps=1")
@@ -96,12 +95,12 @@ def test_sft_end_to_end(tiny_recipe, tiny_llava, tmp_path):
     assert all(".language_model.layers." in k for k in adapter), "adapter holds more than the LLM's LoRA weights"
 
 
-def test_frozen_weights_do_not_change(tiny_recipe, tiny_llava):
+def test_frozen_weights_do_not_change(make_recipe, tiny_llava):
     """In-process: one training run changes LoRA + projector and nothing else (vision tower, base LLM, lm_head)."""
     from lora_llava.config.recipe import recipe_from_dict
     from lora_llava.train.sft import train
 
-    raw = {k: dict(v) for k, v in tiny_recipe.items()}
+    raw = make_recipe()
     raw["quant"] = {"bits": 16}  # unquantized, so base weights compare exactly with the checkpoint
     raw["train"].update(max_steps=3)
     result = train(recipe_from_dict(raw))
@@ -119,8 +118,8 @@ def test_frozen_weights_do_not_change(tiny_recipe, tiny_llava):
     assert "lm_head.weight" in unchanged
 
 
-def test_sft_bad_data_is_exit_1_naming_the_record(tiny_recipe, tmp_path):
-    raw = {k: dict(v) for k, v in tiny_recipe.items()}
+def test_sft_bad_data_is_exit_1_naming_the_record(make_recipe, tmp_path):
+    raw = make_recipe()
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"id": "ok", "conversations": [{"from": "human", "value": "a"},
                                                               {"from": "gpt", "value": "b"}]},

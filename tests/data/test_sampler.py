@@ -130,8 +130,8 @@ def test_bad_arguments():
         modality_length_groups([5], [True], 2, gradient_accumulation_steps=0)
 
 
-def test_recipe_key_and_conflict(tiny_recipe):
-    raw = {k: dict(v) for k, v in tiny_recipe.items()}
+def test_recipe_key_and_conflict(make_recipe):
+    raw = make_recipe()
     assert recipe_from_dict(raw).train.group_by_modality_length is False
     raw["train"].update(group_by_modality_length=True)
     assert recipe_from_dict(raw).train.group_by_modality_length is True
@@ -152,7 +152,7 @@ class _Recording(LlavaCollator):
         return super().__call__(features)
 
 
-def test_trainer_dataloader_follows_the_sampler(tiny_recipe, shapes_data, tmp_path):
+def test_trainer_dataloader_follows_the_sampler(make_recipe, shapes_data, tmp_path):
     from lora_llava.model.stage import build_model
     from lora_llava.train.sft import build_datasets
     from lora_llava.train.trainer import build_trainer
@@ -164,7 +164,7 @@ def test_trainer_dataloader_follows_the_sampler(tiny_recipe, shapes_data, tmp_pa
         {"from": "gpt", "value": "Shapes have sides."}]} for i in range(11)]
     random.Random(0).shuffle(records)
     (tmp_path / "mixed.json").write_text(json.dumps(records))
-    raw = {k: dict(v) for k, v in tiny_recipe.items()}
+    raw = make_recipe()
     raw["quant"] = {"bits": 16}
     raw["data"]["train"] = str(tmp_path / "mixed.json")
     raw["train"].update(group_by_modality_length=True, per_device_train_batch_size=3, seed=11)

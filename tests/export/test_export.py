@@ -18,26 +18,14 @@ from lora_llava.train.sft import train
 IMAGE_ID = 32000
 
 
-def _train(tiny_llava, shapes_data, tmp_path_factory, name, bits):
-    folder, train_json, _ = shapes_data
-    return train(recipe_from_dict({
-        "model": {"llava": str(tiny_llava), "attn_implementation": "sdpa"},
-        "quant": {"bits": bits},
-        "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
-        "data": {"train": str(train_json), "image_folder": str(folder), "template": "vicuna_v1", "max_length": 256},
-        "train": {"output_dir": str(tmp_path_factory.mktemp(name) / "run"), "max_steps": 4,
-                  "per_device_train_batch_size": 4, "learning_rate": 2e-2, "projector_lr": 1e-2, "warmup_steps": 0},
-    }))
+@pytest.fixture(scope="module")
+def run16(trained_run):
+    return trained_run(16)
 
 
 @pytest.fixture(scope="module")
-def run16(tiny_llava, shapes_data, tmp_path_factory):
-    return _train(tiny_llava, shapes_data, tmp_path_factory, "run16", 16)
-
-
-@pytest.fixture(scope="module")
-def run4(tiny_llava, shapes_data, tmp_path_factory):
-    return _train(tiny_llava, shapes_data, tmp_path_factory, "run4", 4)
+def run4(trained_run):
+    return trained_run(4, owner="export")  # compared with its train-mode forward: a model no other test ran
 
 
 def _inputs(processor, seed=0):

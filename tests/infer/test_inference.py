@@ -12,41 +12,21 @@ import pytest
 import torch
 
 from lora_llava.cli import main as cli
-from lora_llava.config.recipe import recipe_from_dict
 from lora_llava.data import get_template
 from lora_llava.errors import InferenceError
 from lora_llava.infer.chat import ChatSession, chat
 from lora_llava.infer.generate import AnswerStreamer, generate_answers, stopping_criteria
 from lora_llava.infer.load import load_for_inference
 from lora_llava.infer.questions import read_questions
-from lora_llava.train.sft import train
 
 QUESTION = "What shape is shown, and what colour is it?"
 TOKENS = 6
 
 
-def _train(tiny_llava, shapes_data, out, bits, stage=2, steps=2):
-    folder, train_file, _ = shapes_data
-    raw = {
-        "model": {"llava": str(tiny_llava)},
-        "quant": {"bits": bits},
-        "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
-        "data": {"train": str(train_file), "image_folder": str(folder), "max_length": 256},
-        "train": {"stage": stage, "output_dir": str(out), "max_steps": steps, "per_device_train_batch_size": 4,
-                  "learning_rate": 1e-2, "projector_lr": 1e-2, "logging_steps": 1, "warmup_steps": 0},
-    }
-    return train(recipe_from_dict(raw))
-
-
 @pytest.fixture(scope="module")
-def runs(tiny_llava, shapes_data, tmp_path_factory):
+def runs(trained_run):
     """{name: TrainResult}: stage 2 in 16 and 4 bits, stage 1 in 16 bits; tiny and briefly trained."""
-    root = tmp_path_factory.mktemp("inference-runs")
-    return {
-        "stage2-16bit": _train(tiny_llava, shapes_data, root / "s2-16", 16, steps=3),
-        "stage2-4bit": _train(tiny_llava, shapes_data, root / "s2-4", 4),
-        "stage1-16bit": _train(tiny_llava, shapes_data, root / "s1-16", 16, stage=1),
-    }
+    return {"stage2-16bit": trained_run(16), "stage2-4bit": trained_run(4), "stage1-16bit": trained_run(16, stage=1)}
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,8 @@ from lora_llava.model.runtime import choose_attention
 from lora_llava.model.stage import build_model, model_summary
 
 
-def _recipe(tiny_recipe, **train):
-    raw = {k: dict(v) for k, v in tiny_recipe.items()}
-    raw["train"].update(train)
-    return recipe_from_dict(raw)
-
-
-def test_only_language_model_linears_are_4bit(tiny_recipe):
-    model, _ = build_model(_recipe(tiny_recipe))
+def test_only_language_model_linears_are_4bit(make_recipe):
+    model, _ = build_model(recipe_from_dict(make_recipe()))
     four_bit = sorted(n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit))
     assert four_bit, "nothing was quantized"
     assert all(".language_model.layers." in n for n in four_bit)
@@ -31,8 +25,8 @@ def test_only_language_model_linears_are_4bit(tiny_recipe):
     assert model_summary(model)["quantized_modules"] == 14
 
 
-def test_stage2_trainable_set_is_lora_and_projector(tiny_recipe):
-    model, _ = build_model(_recipe(tiny_recipe))
+def test_stage2_trainable_set_is_lora_and_projector(make_recipe):
+    model, _ = build_model(recipe_from_dict(make_recipe()))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     lora = {n for n in trainable if "lora_" in n}
     projector = {n for n in trainable if "multi_modal_projector" in n}
@@ -44,8 +38,8 @@ def test_stage2_trainable_set_is_lora_and_projector(tiny_recipe):
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if p.requires_grad)
 
 
-def test_stage1_trains_only_the_projector(tiny_recipe):
-    raw = {k: dict(v) for k, v in tiny_recipe.items()}
+def test_stage1_trains_only_the_projector(make_recipe):
+    raw = make_recipe()
     raw["train"]["stage"] = 1
     raw["quant"] = {"bits": 16}
     model, _ = build_model(recipe_from_dict(raw))
@@ -55,22 +49,22 @@ def test_stage1_trains_only_the_projector(tiny_recipe):
     assert not any("lora_" in n for n, _ in model.named_parameters())
 
 
-def test_sixteen_bit_means_no_quantization(tiny_recipe):
-    raw = {k: dict(v) for k, v in tiny_recipe.items()}
+def test_sixteen_bit_means_no_quantization(make_recipe):
+    raw = make_recipe()
     raw["quant"] = {"bits": 16}
     model, _ = build_model(recipe_from_dict(raw))
     assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
 
 
-def test_lora_targets_outside_language_model_refused(tiny_recipe):
-    raw = {k: dict(v) for k, v in tiny_recipe.items()}
+def test_lora_targets_outside_language_model_refused(make_recipe):
+    raw = make_recipe()
     raw["lora"]["target_modules"] = ["q_proj", "fc1"]
     with pytest.raises(ModelError, match=r"lora.target_modules: \['fc1'\]"):
         build_model(recipe_from_dict(raw))
 
 
-def test_missing_checkpoint_is_named(tiny_recipe, tmp_path):
-    raw = {k: dict(v) for k, v in tiny_recipe.items()}
+def test_missing_checkpoint_is_named(make_recipe, tmp_path):
+    raw = make_recipe()
     raw["model"]["llava"] = str(tmp_path / "nowhere")
     with pytest.raises(ModelError, match=r"model.llava: '.*nowhere' does not exist"):
         build_model(recipe_from_dict(raw))
@@ -92,14 +86,14 @@ def test_flash_attention_without_flash_attn_is_a_clear_error():
     assert choose_attention("auto") == "sdpa"
 
 
-def test_trainable_dtype_bfloat16_keeps_lora_and_projector_in_bf16_through_the_trainer(tiny_recipe):
+def test_trainable_dtype_bfloat16_keeps_lora_and_projector_in_bf16_through_the_trainer(make_recipe):
     """train.trainable_dtype: bfloat16 (half the memory of LoRA, projector and their optimizer state) holds through
     TRL's setup; frozen bf16 weights stay bf16; a float32 model refuses it at recipe time."""
     from lora_llava.errors import RecipeError
     from lora_llava.train.sft import build_datasets, sft_config
     from lora_llava.train.trainer import build_trainer
 
-    raw = {k: dict(v) for k, v in tiny_recipe.items()}
+    raw = make_recipe()
     raw["model"]["dtype"] = "bfloat16"
     raw["train"].update(trainable_dtype="bfloat16", use_cpu=True, max_steps=2)
     recipe = recipe_from_dict(raw)

@@ -9,10 +9,10 @@ from lora_llava.run.report import format_report, run_report, write_plot
 from lora_llava.train.sft import train
 
 
-def test_report_of_a_run(tiny_recipe, shapes_data, tmp_path):
+def test_report_of_a_run(make_recipe, shapes_data, tmp_path):
     _, train_json, _ = shapes_data
     records = json.loads(train_json.read_text())[:8]
-    raw = {k: dict(v) for k, v in tiny_recipe.items()}
+    raw = make_recipe()
     raw["train"].pop("max_steps")
     raw["train"].update(num_train_epochs=1, per_device_train_batch_size=4, logging_steps=1)
     result = train(recipe_from_dict(raw), train_records=records)

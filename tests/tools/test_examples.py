@@ -33,14 +33,14 @@ def test_csv_rows_become_llava_records(tmp_path):
         _example().records_from_csv(csv)
 
 
-def test_train_takes_python_records(tiny_recipe, shapes_data):
+def test_train_takes_python_records(make_recipe, shapes_data):
     import json
 
     from lora_llava.train.sft import train
 
     _, train_json, _ = shapes_data
     records = json.loads(Path(train_json).read_text())[:8]
-    raw = {k: dict(v) for k, v in tiny_recipe.items()}
+    raw = make_recipe()
     raw["data"].pop("train")
     raw["train"].update(max_steps=2)
     result = train(recipe_from_dict(raw), train_records=records)

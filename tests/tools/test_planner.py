@@ -59,11 +59,11 @@ def test_activation_model_matches_autograd(lora, dropout):
     assert abs(estimate - measured) / measured < 0.10, (estimate, measured)
 
 
-def test_lora_and_projector_counts_are_exact(tiny_recipe):
+def test_lora_and_projector_counts_are_exact(make_recipe):
     """The planner's LoRA parameter count equals peft's on a real (tiny) model; the projector's too."""
     from lora_llava.model.stage import build_model
 
-    raw = {k: dict(v) for k, v in tiny_recipe.items()}
+    raw = make_recipe()
     raw["quant"] = {"bits": 16}
     recipe = recipe_from_dict(raw)
     model, _ = build_model(recipe)

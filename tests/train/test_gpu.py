@@ -16,17 +16,14 @@ from lora_llava.config.recipe import recipe_from_dict
 pytestmark = pytest.mark.gpu
 
 
-def _gpu_recipe(tiny_recipe, **train):
-    raw = {k: dict(v) for k, v in tiny_recipe.items()}
-    raw["model"].update(dtype="bfloat16", attn_implementation="sdpa")
-    raw["train"].update(max_steps=8, **train)
-    return raw
+def _gpu_recipe(make_recipe, **train):
+    return make_recipe(model={"dtype": "bfloat16", "attn_implementation": "sdpa"}, train={"max_steps": 8, **train})
 
 
-def test_qlora_trains_on_the_gpu_in_bf16(tiny_recipe):
+def test_qlora_trains_on_the_gpu_in_bf16(make_recipe):
     from lora_llava.train.sft import train
 
-    result = train(recipe_from_dict(_gpu_recipe(tiny_recipe)))
+    result = train(recipe_from_dict(_gpu_recipe(make_recipe)))
     assert result.losses[-1] < result.losses[0]
     model = result.model
     assert all(p.device.type == "cuda" for p in model.parameters())
@@ -37,7 +34,7 @@ def test_qlora_trains_on_the_gpu_in_bf16(tiny_recipe):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn is not installed")
-def test_flash_attention_padding_free_loss_equals_padded_sdpa(tiny_recipe):
+def test_flash_attention_padding_free_loss_equals_padded_sdpa(make_recipe):
     """The same batch, padded with sdpa and flattened with flash-attn varlen: the same loss (bf16 tolerance)."""
     from lora_llava.data import LlavaCollator
     from lora_llava.model.stage import build_model
@@ -45,7 +42,7 @@ def test_flash_attention_padding_free_loss_equals_padded_sdpa(tiny_recipe):
 
     losses = {}
     for attn, padding_free in (("sdpa", False), ("flash_attention_2", True)):
-        raw = _gpu_recipe(tiny_recipe)
+        raw = _gpu_recipe(make_recipe)
         raw["model"]["attn_implementation"] = attn
         raw["lora"]["lora_dropout"] = 0.0
         recipe = recipe_from_dict(raw)

@@ -17,19 +17,13 @@ from lora_llava.train.sft import build_datasets, sft_config, train
 from lora_llava.train.trainer import build_trainer
 
 
-def _raw(tiny_recipe, **train_kw):
-    raw = {k: dict(v) for k, v in tiny_recipe.items()}
-    raw["train"].update(train_kw)
-    return raw
-
-
-def test_stage1_projector_loads_into_stage2_bit_exactly(tiny_recipe, tmp_path):
-    raw = _raw(tiny_recipe, stage=1, max_steps=2, output_dir=str(tmp_path / "s1"))
+def test_stage1_projector_loads_into_stage2_bit_exactly(make_recipe, tmp_path):
+    raw = make_recipe(train=dict(stage=1, max_steps=2, output_dir=str(tmp_path / "s1")))
     raw["quant"] = {"bits": 16}
     stage1 = train(recipe_from_dict(raw))
     assert not (stage1.output_dir / "adapter").exists()  # stage 1 has no LoRA
     saved = load_file(str(stage1.output_dir / "projector.safetensors"))
-    raw = _raw(tiny_recipe)
+    raw = make_recipe()
     raw["model"]["projector"] = str(stage1.output_dir)
     model, _ = build_model(recipe_from_dict(raw))
     projector = model.get_base_model().model.multi_modal_projector
@@ -37,8 +31,8 @@ def test_stage1_projector_loads_into_stage2_bit_exactly(tiny_recipe, tmp_path):
         assert torch.equal(projector.state_dict()[key.removeprefix("multi_modal_projector.")], value), key
 
 
-def test_reference_mm_projector_bin(tiny_recipe, tmp_path):
-    raw = _raw(tiny_recipe)
+def test_reference_mm_projector_bin(make_recipe, tmp_path):
+    raw = make_recipe()
     ref = {"model.mm_projector.0.weight": torch.randn(64, 64), "model.mm_projector.0.bias": torch.randn(64),
            "model.mm_projector.2.weight": torch.randn(64, 64), "model.mm_projector.2.bias": torch.randn(64)}
     torch.save(ref, tmp_path / "mm_projector.bin")
@@ -67,8 +61,8 @@ def test_reference_mm_projector_bin(tiny_recipe, tmp_path):
         build_model(recipe_from_dict(raw))
 
 
-def test_projector_lr_reaches_its_parameter_group(tiny_recipe):
-    recipe = recipe_from_dict(_raw(tiny_recipe, learning_rate=1e-3, projector_lr=3e-5, weight_decay=0.1))
+def test_projector_lr_reaches_its_parameter_group(make_recipe):
+    recipe = recipe_from_dict(make_recipe(train=dict(learning_rate=1e-3, projector_lr=3e-5, weight_decay=0.1)))
     model, processor = build_model(recipe)
     train_ds, _ = build_datasets(recipe, processor, model.config)
     trainer = build_trainer(recipe, model, processor, train_ds.to_hf(), args=sft_config(recipe, torch.float32),
@@ -90,8 +84,8 @@ def test_projector_lr_reaches_its_parameter_group(tiny_recipe):
     assert sum(len(g["params"]) for g in opt.param_groups) == sum(p.requires_grad for p in model.parameters())
 
 
-def test_answer_only_loss_equals_model_loss(tiny_recipe):
-    recipe = recipe_from_dict(_raw(tiny_recipe))
+def test_answer_only_loss_equals_model_loss(make_recipe):
+    recipe = recipe_from_dict(make_recipe())
     model, processor = build_model(recipe)
     model.eval()
     train_ds, _ = build_datasets(recipe, processor, model.config)
@@ -103,8 +97,8 @@ def test_answer_only_loss_equals_model_loss(tiny_recipe):
     assert torch.allclose(ours, theirs, atol=1e-5), (ours, theirs)
 
 
-def test_padding_free_equals_padded(tiny_recipe, vicuna_tokenizer):
-    raw = _raw(tiny_recipe)
+def test_padding_free_equals_padded(make_recipe, vicuna_tokenizer):
+    raw = make_recipe()
     raw["quant"] = {"bits": 16}
     recipe = recipe_from_dict(raw)
     model, processor = build_model(recipe)
