@@ -14,10 +14,12 @@
    ``modality_length_groups`` batches (megabatch 16, and 128 = LLaVA-1.5's global batch), padding-free batches; all
    computed from the collator's output.
 
-Texts are the real GPT-4 instruction data of /work/shared/assets/llava-samples; 64 JPEGs of various sizes and aspect
-ratios are cut from its two real photos into a temporary folder. Offline; a few minutes on 2 cores.
+Texts are the real GPT-4 instruction data of the assets folder (``--assets``; default
+``<repository>/../shared/assets/llava-samples``: ``coco2014_val_gpt4_qa_30x3.jsonl`` and LLaVA's two demo photos);
+64 JPEGs of various sizes and aspect ratios are cut from its two photos into a temporary folder. Offline; a few
+minutes on 2 cores. Run from the repository root:
 
-    python benchmarks/data_throughput.py [--quick] [--threads 1]
+    python -m benchmarks.data_throughput [--quick] [--threads 1] [--assets DIR]
 """
 
 from __future__ import annotations
@@ -29,32 +31,25 @@ import platform
 import random
 import shutil
 import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-ASSETS = Path("/work/shared/assets/llava-samples")
-PHOTOS = ("extreme_ironing.jpg", "waterview.jpg")
+from ._shared.assets import DEFAULT_ASSETS, PHOTOS, missing_assets, read_qa
+from ._shared.llava_inputs import CHAT_TEMPLATE, llava_processor, llava_tokenizer, trl_messages
+from ._shared.machine import command_line, machine
+from ._shared.timing import median_time
+
 SIZES = ((640, 480), (480, 640), (640, 427), (427, 640), (500, 375), (640, 640), (1024, 768), (375, 500),
          (612, 612), (640, 360), (800, 533), (336, 448), (1280, 720), (300, 225), (640, 512), (512, 768))
-SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
-          "The assistant gives helpful, detailed, and polite answers to the user's questions.")
-# vicuna_v1 as a chat template: "<s> SYSTEM USER: <image>\nq ASSISTANT: a</s>USER: ..."; answers in generation marks.
-CHAT_TEMPLATE = (
-    "{{ bos_token }} " + SYSTEM + " {% for m in messages %}{% if m['role'] == 'user' %}USER: "
-    "{% for p in m['content'] %}{% if p['type'] == 'image' %}<image>\n{% else %}{{ p['text'] }}{% endif %}"
-    "{% endfor %} ASSISTANT:{% else %}{% generation %} {% for p in m['content'] %}{{ p['text'] }}{% endfor %}"
-    "</s>{% endgeneration %}{% endif %}{% endfor %}"
-)
 BATCH = 16
 
 
-def make_images(folder: Path, n: int, rng: random.Random) -> list[str]:
-    """``n`` JPEGs cut from the real photos: random crops at the target aspect ratio, resized, COCO-like quality."""
+def make_images(folder: Path, n: int, rng: random.Random, assets: Path) -> list[str]:
+    """``n`` JPEGs cut from the real photos of ``assets``: random crops at the target aspect ratio, resized, COCO-like
+    quality."""
     from PIL import Image
 
-    photos = [Image.open(ASSETS / p).convert("RGB") for p in PHOTOS]
+    photos = [Image.open(assets / p).convert("RGB") for p in PHOTOS]
     names = []
     for k in range(n):
         photo, (w, h) = photos[k % len(photos)], SIZES[k % len(SIZES)]
@@ -64,17 +59,6 @@ def make_images(folder: Path, n: int, rng: random.Random) -> list[str]:
         names.append(f"img_{k:03d}.jpg")
         photo.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BICUBIC).save(folder / names[-1], quality=90)
     return names
-
-
-def read_qa() -> dict[str, list[tuple[str, str]]]:
-    """The real GPT-4 (instruction, answer) pairs, grouped by COCO image (3 per image: conv, detail, complex)."""
-    import json
-
-    by_image: dict[str, list[tuple[str, str]]] = {}
-    for line in (ASSETS / "coco2014_val_gpt4_qa_30x3.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        by_image.setdefault(r["id"], []).append((r["instruction"], r["output"]))
-    return by_image
 
 
 def conversation(pairs: list[tuple[str, str]], image: str | None) -> dict:
@@ -103,30 +87,20 @@ def length_mix(qa: dict, images: list[str], n: int, rng: random.Random) -> list[
     return out
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor() or platform.machine())
-    return f"{cpu}, {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable)"
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="64 samples, 512-sample length mix, 1 repeat")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch and tokenizer threads (1 = one DataLoader worker, the default)")
     ap.add_argument("--samples", type=int, default=None, help="samples timed per pass (default 256, quick 64)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--assets", type=Path, default=DEFAULT_ASSETS,
+                    help="folder with LLaVA's coco2014_val_gpt4_qa_30x3.jsonl, extreme_ironing.jpg and waterview.jpg "
+                         "(default: <repository>/../shared/assets/llava-samples)")
     args = ap.parse_args()
+    why = missing_assets(args.assets)
+    if why:
+        ap.error(f"--assets: {why}; give a folder that has them")
     n = args.samples or (64 if args.quick else 256)
     n -= n % BATCH
     repeats, mix_n = (1, 512) if args.quick else (3, 2000)
@@ -139,14 +113,12 @@ def main() -> None:
     import transformers
     import trl
     from PIL import Image
-    from transformers import CLIPImageProcessor, LlavaProcessor
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
     from lora_llava.data import LlavaCollator, LlavaDataset, modality_length_groups
-    from lora_llava.data.images import CLIP_MEAN, expand_to_square
+    from lora_llava.data.images import expand_to_square
     from lora_llava.data.sampler import padding_efficiency
-    from lora_llava.demo import vicuna_tokenizer
-    from lora_llava.loading import add_llava_tokens
+    from lora_llava.llava.constants import CLIP_MEAN
 
     torch.set_num_threads(args.threads)
     transformers.logging.set_verbosity_error()
@@ -156,17 +128,13 @@ def main() -> None:
     atexit.register(shutil.rmtree, tmp, True)
     folder = tmp / "images"
     folder.mkdir()
-    images = make_images(folder, 64, rng)
-    qa = read_qa()
-    tok = vicuna_tokenizer()
-    add_llava_tokens(tok)
+    images = make_images(folder, 64, rng, args.assets)
+    qa = read_qa(args.assets)
+    tok = llava_tokenizer()
     image_token, pad = tok.convert_tokens_to_ids("<image>"), tok.pad_token_id
-    clip = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-                              image_mean=list(CLIP_MEAN), image_std=[0.26862954, 0.26130258, 0.27577711])
-    processor = LlavaProcessor(image_processor=clip, tokenizer=tok, patch_size=14, num_additional_image_tokens=1,
-                               vision_feature_select_strategy="default", image_token="<image>",  # noqa: S106
-                               chat_template=CHAT_TEMPLATE)
-    print("command: python " + " ".join(sys.argv))
+    processor = llava_processor(tok, chat_template=CHAT_TEMPLATE)
+    clip = processor.image_processor
+    print(f"command: {command_line(__spec__.name)}")
     print(f"machine: {machine()}; threads {args.threads}; python {platform.python_version()}, "
           f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
           f"datasets {datasets.__version__}; image processor {type(clip).__name__}")
@@ -190,10 +158,7 @@ def main() -> None:
             with Image.open(folder / records[i]["image"]) as im:  # as a datasets Image column decodes
                 im.load()
                 img = im if im.mode == "RGB" else im.convert("RGB")
-            msgs = [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
-                    for t in records[i]["conversations"]]
-            msgs[0]["content"] = msgs[0]["content"].replace("<image>\n", "")
-            out.append({"messages": msgs, "images": [img]})
+            out.append({"messages": trl_messages(records[i]), "images": [img]})
         return out
 
     trl_times = {}

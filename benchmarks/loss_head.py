@@ -5,7 +5,9 @@ but scores every position elsewhere. lora-llava's loss runs the LM head on the s
 This script measures one optimizer-free training step (forward + backward) of both, side by side in one run, on the
 demo's tiny LLaVA (real 32,064-token vocabulary), and prints the times and their ratio.
 
-    python benchmarks/loss_head.py [--batch 16] [--steps 10]
+Run from the repository root:
+
+    python -m benchmarks.loss_head [--batch 16] [--steps 10]
 """
 
 from __future__ import annotations
@@ -20,18 +22,19 @@ import torch
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=10)
     args = ap.parse_args()
 
     from trl import SFTTrainer
 
+    from lora_llava.config.recipe import recipe_from_dict
     from lora_llava.data import LlavaCollator
     from lora_llava.demo import make_demo_model, make_shapes_data
-    from lora_llava.modeling import build_model
-    from lora_llava.recipe import recipe_from_dict
-    from lora_llava.training import _trainer_class, build_datasets, sft_config
+    from lora_llava.model.stage import build_model
+    from lora_llava.train.sft import build_datasets, sft_config
+    from lora_llava.train.trainer import build_trainer
 
     tmp = Path(tempfile.mkdtemp())
     make_demo_model(tmp / "model", image_size=48)
@@ -44,8 +47,8 @@ def main() -> None:
     model, processor = build_model(recipe)
     train_ds, _ = build_datasets(recipe, processor, model.config)
     collator = LlavaCollator(processor.image_processor, processor.tokenizer.pad_token_id, recipe.data.image_folder)
-    trainer = _trainer_class()(model=model, args=sft_config(recipe, torch.float32), train_dataset=train_ds.to_hf(),
-                               data_collator=collator, processing_class=processor)
+    trainer = build_trainer(recipe, model, processor, train_ds.to_hf(), args=sft_config(recipe, torch.float32),
+                            collator=collator)
     batch = collator([train_ds[i] for i in range(args.batch)])
     n_targets = int((batch["labels"][:, 1:] != -100).sum())
     model.train()

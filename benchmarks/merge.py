@@ -5,7 +5,7 @@ shards; Llama text model, small CLIP tower, GELU projector, the real Vicuna toke
 folder for it (LoRA r=64 on q/k/v/o/gate/up/down with random non-zero B, a random projector), without training. Each
 merge then runs in a fresh subprocess, which reports its own peak RSS (VmHWM):
 
-- ours: ``lora_llava.export.merge(run, out, dtype="bf16")`` (output shards default to the largest input shard's
+- ours: ``lora_llava.export.merge.merge(run, out, dtype="bf16")`` (output shards default to the largest input shard's
   size), and once more with ``max_shard_size`` set to it explicitly;
 - baseline: ``LlavaForConditionalGeneration.from_pretrained`` + ``PeftModel.from_pretrained`` + the run's projector
   + ``merge_and_unload()`` + ``save_pretrained``.
@@ -13,7 +13,9 @@ merge then runs in a fresh subprocess, which reports its own peak RSS (VmHWM):
 All tensors of both exports are then compared, and ours is checked against the bound
 peak RSS <= 2 x largest input shard + adapter size (+ the RSS of an idle child that imports torch and transformers).
 
-    python benchmarks/merge.py [--quick] [--workdir DIR]
+Run from the repository root:
+
+    python -m benchmarks.merge [--quick] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from ._shared.machine import REPO_ROOT, command_line
 
 SIZES = {  # text: hidden, layers, intermediate, heads; vision: hidden, layers, intermediate, heads; shard size
     "full": ((2048, 16, 5504, 16), (1024, 4, 4096, 16), "500MB"),
@@ -50,10 +54,9 @@ def build(workdir: Path, size: str) -> tuple[Path, Path]:
     )
 
     from lora_llava import __version__
-    from lora_llava.demo import vicuna_tokenizer
-    from lora_llava.loading import add_llava_tokens
-    from lora_llava.modeling import lora_config
-    from lora_llava.recipe import recipe_from_dict
+    from lora_llava.config.recipe import recipe_from_dict
+    from lora_llava.llava.tokenizer import add_llava_tokens, vicuna_tokenizer
+    from lora_llava.model.stage import lora_config
 
     base, run = workdir / "base", workdir / "run"
     if (run / "run_info.json").is_file():
@@ -105,10 +108,10 @@ def child(mode: str, base: Path, run: Path, out: Path, shard_bytes: int) -> None
     import transformers  # noqa: F401 - the idle child's imports
 
     if mode == "idle-export":
-        import lora_llava.export  # noqa: F401 - what ours imports: also peft, trl
+        import lora_llava.export.merge  # noqa: F401 - what ours imports before it starts
     t = time.perf_counter()
     if mode in ("ours", "ours-shard"):
-        from lora_llava.export import merge
+        from lora_llava.export.merge import merge
 
         kwargs = {"max_shard_size": shard_bytes} if mode == "ours-shard" else {}
         merge(run, out, dtype="bf16", progress=False, **kwargs)
@@ -132,8 +135,8 @@ def child(mode: str, base: Path, run: Path, out: Path, shard_bytes: int) -> None
 def measure(mode: str, base: Path, run: Path, out: Path, shard_bytes: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", mode, str(base), str(run), str(out), str(shard_bytes)],
-                          capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", __spec__.name, "--child", mode, str(base), str(run), str(out),
+                           str(shard_bytes)], capture_output=True, text=True, cwd=REPO_ROOT)
     wall = time.perf_counter() - t
     if proc.returncode != 0:
         sys.exit(f"{mode} failed:\n{proc.stderr[-4000:]}")
@@ -145,7 +148,8 @@ def compare(out_a: Path, out_b: Path, base: Path) -> tuple[int, int, float, dict
     """(tensors, exactly equal, max |a - b| over all, {named tensor: max |a - b|}); both sides by internal name."""
     from safetensors import safe_open
 
-    from lora_llava.shards import shard_files, to_internal
+    from lora_llava.export.safetensors_io import shard_files
+    from lora_llava.llava.layouts import to_internal
 
     def index(folder: Path) -> dict:
         handles = [safe_open(str(f), framework="pt") for f in shard_files(folder)]
@@ -179,7 +183,7 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         mode, base, run, out, shard = sys.argv[2:7]
         return child(mode, Path(base), Path(run), Path(out), int(shard))
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog=f"python -m {__spec__.name}", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a ~200M-parameter model instead of ~1B")
     ap.add_argument("--workdir", type=Path, help="keep the model, run and exports here (default: a temp folder)")
     args = ap.parse_args()
@@ -188,19 +192,20 @@ def main() -> None:
     import torch
     import transformers
 
-    print("command:", " ".join([Path(sys.executable).name, *sys.argv]))
+    print(f"command: {command_line(__spec__.name)}")
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), platform.processor())
     mem = int(Path("/proc/meminfo").read_text().split()[1]) / 1024**2
     print(f"machine: {cpu}, {os.cpu_count()} cores, {mem:.1f} GiB RAM, {torch.get_num_threads()} torch threads; "
           f"python {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
           f"peft {peft.__version__}")
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="merge-bench-"))
+    # Absolute: the measured jobs run in the repository root.
+    workdir = args.workdir.resolve() if args.workdir else Path(tempfile.mkdtemp(prefix="merge-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         t = time.perf_counter()
         base, run = build(workdir, "quick" if args.quick else "full")
-        from lora_llava.shards import shard_files
+        from lora_llava.export.safetensors_io import shard_files
 
         shards = [f.stat().st_size for f in shard_files(base)]
         adapter = (run / "adapter" / "adapter_model.safetensors").stat().st_size
@@ -209,7 +214,7 @@ def main() -> None:
               f"{largest / 1e6:.0f} MB; adapter {adapter / 1e6:.0f} MB (LoRA r=64 on q/k/v/o/gate/up/down, "
               f"fp32); built in {time.perf_counter() - t:.0f} s in {workdir}")
         jobs = {"idle (import torch, transformers)": ("idle", None),
-                "idle (import lora_llava.export: + peft, trl)": ("idle-export", None),
+                "idle (import lora_llava.export.merge)": ("idle-export", None),
                 "ours: merge(), default output shards": ("ours", workdir / "out_ours"),
                 "ours: merge(max_shard_size=largest input shard)": ("ours-shard", workdir / "out_ours_shard"),
                 "peft: from_pretrained + merge_and_unload + save_pretrained": ("peft", workdir / "out_peft")}
@@ -228,12 +233,12 @@ def main() -> None:
         idle, idle_x = results["idle"]["rss"], results["idle-export"]["rss"]
         print(f"bound 2 x {largest / 1e9:.2f} GB shard + {adapter / 1e9:.2f} GB adapter = {bound / 1e9:.2f} GB; "
               f"+ idle torch/transformers {idle / 1e9:.2f} GB: {(bound + idle) / 1e9:.2f} GB; "
-              f"+ idle lora_llava.export {idle_x / 1e9:.2f} GB: {(bound + idle_x) / 1e9:.2f} GB")
+              f"+ idle lora_llava.export.merge {idle_x / 1e9:.2f} GB: {(bound + idle_x) / 1e9:.2f} GB")
         for mode in ("ours", "ours-shard"):
             rss = results[mode]["rss"]
             verdicts = ["within" if rss <= b else "OVER" for b in (bound, bound + idle, bound + idle_x)]
             print(f"  {mode:10s} {rss / 1e9:.2f} GB: {verdicts[0]} the bound alone, {verdicts[1]} with idle "
-                  f"torch/transformers, {verdicts[2]} with idle lora_llava.export")
+                  f"torch/transformers, {verdicts[2]} with idle lora_llava.export.merge")
         for mode in ("ours", "ours-shard"):
             out = jobs[next(k for k, v in jobs.items() if v[0] == mode)][1]
             n, equal, worst, picks = compare(out, workdir / "out_peft", base)
