@@ -142,7 +142,8 @@ def _parse(answer: str) -> tuple[str | None, str | None]:
 
 def evaluate_demo(model, processor, recipe) -> dict:
     """Greedy answers on the demo's held-out split (``data.eval``); accuracy = colour and shape both right (and no
-    other named). ``train()`` runs this at the end of a demo run (a recipe with a ``demo`` section)."""
+    other named). ``train()`` runs this at the end of a demo run (a recipe with a ``demo`` section); ``summary`` is
+    what ``lora-llava sft`` prints."""
     from .infer.generate import generate_answers
 
     records = read_json(recipe.data.eval[0], list, "a JSON list of records")
@@ -158,4 +159,9 @@ def evaluate_demo(model, processor, recipe) -> dict:
         correct += ok
         if len(examples) < 5:
             examples.append({"id": r["id"], "expected": r["conversations"][1]["value"], "answer": a, "correct": ok})
-    return {"accuracy": correct / len(records), "correct": correct, "total": len(records), "examples": examples}
+    accuracy = correct / len(records)
+    lines = [f"  {ex['id']}: expected {ex['expected']!r}, answered {ex['answer']!r}" for ex in examples[:3]]
+    lines.append(f"held-out accuracy: {accuracy:.3f} ({correct}/{len(records)}, colour and shape both right; chance "
+                 "is 1/12)")
+    return {"accuracy": accuracy, "correct": correct, "total": len(records), "examples": examples,
+            "summary": "\n".join(lines)}

@@ -1,6 +1,2 @@
-"""The recipe: one YAML file is one runnable experiment. Sections, loading, overrides and validation."""
-
-from .recipe import Recipe, apply_overrides, load_recipe, recipe_from_dict
-from .sections import SECTIONS, section_keys
-
-__all__ = ["SECTIONS", "Recipe", "apply_overrides", "load_recipe", "recipe_from_dict", "section_keys"]
+"""The recipe: one YAML file is one runnable experiment. ``recipe`` loads, overrides and validates it; ``sections``
+holds its sections' keys; ``types`` checks values against their annotations."""

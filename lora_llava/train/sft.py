@@ -41,7 +41,8 @@ class TrainResult:
     main_process: bool = True
     """False in the processes of rank > 0 of a multi-process run (they write and print nothing)."""
     metrics: dict[str, Any] | None = None
-    """Held-out figures the run computed at the end (the demo's accuracy), None otherwise."""
+    """Held-out figures the run computed at the end (a demo recipe's accuracy; ``summary`` is their text), None
+    otherwise."""
 
 
 def sft_config(recipe, model_dtype: torch.dtype):
