@@ -1,8 +1,19 @@
-"""Chat templates that make ``apply_chat_template`` give exactly the prompt string training used."""
+"""What an hf export ships so that plain transformers prepares inputs exactly as training did: the chat template and
+the image processor.
+
+Tokens: training (like the LLaVA reference) tokenizes the text after each ``<image>`` as a piece of its own, which
+SentencePiece starts with its word-boundary piece ``▁`` (id 29871) before ``\n`` (13). A tokenizer given the whole
+prompt in one string puts nothing between the ``<image>`` token and ``\n``. So the template writes ``<image> \n``:
+the space becomes exactly that ``▁`` and the ids equal training's.
+
+Pixels: training pads an image to a square of the CLIP mean colour before CLIP's resize and centre crop (LLaVA-1.5's
+``image_aspect_ratio: pad``); ``CLIPImageProcessor`` alone crops instead. transformers' ``LlavaImageProcessor`` with
+``do_pad`` pads the same way.
+"""
 
 from __future__ import annotations
 
-__all__ = ["VICUNA_CHAT_TEMPLATE"]
+__all__ = ["VICUNA_CHAT_TEMPLATE", "padding_image_processor"]
 
 VICUNA_CHAT_TEMPLATE = (
     "{%- set system = 'A chat between a curious user and an artificial intelligence assistant. The assistant gives "
@@ -13,9 +24,19 @@ VICUNA_CHAT_TEMPLATE = (
     "{%- else -%}{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') "
     "| join('\\n') -%}{%- set images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
     "{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}{{- 'USER: ' + '<image>\\n' * images + text + ' ' -}}"
+    "{%- if message['role'] == 'user' -%}{{- 'USER: ' + '<image> \\n' * images + text + ' ' -}}"
     "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' + text + '</s>' -}}{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
 )
-"""The vicuna_v1 prompt as a chat template: ``apply_chat_template`` gives exactly the string training used."""
+"""The vicuna_v1 prompt as a chat template: ``apply_chat_template`` + the tokenizer give exactly training's ids."""
+
+
+def padding_image_processor(clip):
+    """A ``LlavaImageProcessor`` that pads to a square of the mean colour, then does what ``clip`` (a
+    ``CLIPImageProcessor``) does: what training's image path gives, pixel for pixel."""
+    from transformers import LlavaImageProcessor
+
+    keys = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+            "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+    return LlavaImageProcessor(do_pad=True, **{k: getattr(clip, k) for k in keys if hasattr(clip, k)})

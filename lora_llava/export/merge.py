@@ -28,7 +28,7 @@ from ..llava.spec import ModelSpec, llava_config
 from ..llava.tokenizer import image_token_id
 from ..model.loading import added_rows
 from ..run.folder import RunFolder
-from .chat_template import VICUNA_CHAT_TEMPLATE
+from .chat_template import VICUNA_CHAT_TEMPLATE, padding_image_processor
 from .safetensors_io import ShardWriter, iter_tensors, largest_shard, low_memory_allocator, staging
 
 logger = logging.getLogger(__name__)
@@ -271,6 +271,8 @@ def _write_configs(folder: Path, format: str, run: _Run, processor, text_cfg: di
         config.save_pretrained(str(folder))
         if run.recipe.template == "vicuna_v1":
             processor.chat_template = VICUNA_CHAT_TEMPLATE
+        if run.recipe.data.image_aspect_ratio == "pad":
+            processor.image_processor = padding_image_processor(processor.image_processor)
         processor.save_pretrained(str(folder))
     else:
         config = dict(LlamaConfig(**text).to_dict(), model_type="llava_llama", architectures=["LlavaLlamaForCausalLM"],
