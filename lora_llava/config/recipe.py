@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from ..errors import RecipeError
+from ..llava.datasets import not_downloaded
 from .sections import (
     LIST_FIELDS,
     OPTIONAL_SECTIONS,
@@ -202,12 +203,16 @@ def _cross_checks(r: Recipe, check_files: bool = True) -> list[str]:
                  f"sampler; set group_by_modality_length: false or leave train_sampling_strategy at 'random' "
                  f"(got '{r.train.train_sampling_strategy}')")
     if r.demo is None and check_files:
+        published = False
         for key in ("train", "eval"):
             for path in getattr(r.data, key):
                 if not Path(path).exists():
-                    p.append(f"data.{key}: file '{path}' does not exist")
+                    hint = not_downloaded(path)
+                    published = published or hint is not None
+                    p.append(f"data.{key}: file '{path}' " + (hint or "does not exist"))
         if r.data.image_folder is not None and not Path(r.data.image_folder).is_dir():
-            p.append(f"data.image_folder: '{r.data.image_folder}' is not a folder")
+            why = "not downloaded yet (see data.train)" if published else "is not a folder"
+            p.append(f"data.image_folder: '{r.data.image_folder}' {why}")
     return p
 
 

@@ -168,3 +168,22 @@ def test_every_shipped_recipe_validates(path):
     # Data files of the real recipes live on the user's disk: check everything but their existence.
     recipe = recipe_from_dict(yaml.safe_load(text), str(path), check_files=False)
     assert recipe.data.train
+
+
+@pytest.mark.parametrize("name, file, url", [
+    ("llava15_7b_pretrain.yaml", "blip_laion_cc_sbu_558k.json", "huggingface.co/datasets/liuhaotian/LLaVA-Pretrain"),
+    ("llava15_13b.yaml", "llava_v1_5_mix665k.json", "huggingface.co/datasets/liuhaotian/LLaVA-Instruct-150K"),
+])
+def test_shipped_recipe_without_its_data_says_where_to_get_it(name, file, url, tmp_path, capsys, monkeypatch):
+    """Run where LLaVA's data is not downloaded: exit 2, naming the file, 'not downloaded yet' and the download page;
+    with --no-files the recipe alone is checked (exit 0)."""
+    from lora_llava.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    recipe = next(p for p in RECIPES if p.name == name)
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "data.train: file 'playground/data/" in err and f"{file}' not downloaded yet" in err and url in err
+    assert "data.image_folder: 'playground/data" in err and "not downloaded yet" in err
+    assert main(["validate", str(recipe), "--no-files"]) == 0
+    assert f"# {recipe}: OK" in capsys.readouterr().out
