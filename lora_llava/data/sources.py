@@ -79,7 +79,9 @@ def sample_from_record(record: Any, index: int, path: str | None = None) -> Samp
         raise DataError(f"{where}: field 'image' must be a path or a list of paths")
     tags = sum(value.count(IMAGE_TAG) for _, value in turns)
     if images and tags == 0:
-        # LLaVA's data puts the tag in the first question; a record without it gets one, as the reference does.
+        # LLaVA's data puts the tag in the first question. The reference trains a record without one as text only:
+        # its image is loaded and then never used. Ours puts the tag in front of the first question instead, so the
+        # image is seen (README, "Data format").
         role, value = turns[0]
         turns[0] = (role, IMAGE_TAG * len(images) + "\n" + value)
         tags = len(images)
@@ -167,7 +169,8 @@ def read_records(paths: Iterable[str | Path]) -> Iterator[Sample]:
 
 def place_image(turns: list[tuple[str, str]], position: str, rng: random.Random | None = None) -> list[tuple[str, str]]:
     """Where the single ``<image>`` of the first question goes: ``first`` = ``<image>\\n`` + question (the reference
-    moves it there), ``random`` = before or after the question at random (the LLaVA paper's augmentation).
+    moves it there), ``random`` = before or after the question at random (the LLaVA paper's augmentation). A question
+    that is only the tag stays ``<image>``, with no newline, as in the reference.
 
     Samples with several images or whose tag is not in the first question are left as they are.
     """
@@ -175,5 +178,7 @@ def place_image(turns: list[tuple[str, str]], position: str, rng: random.Random 
         return turns
     role, value = turns[0]
     question = value.replace(IMAGE_TAG, "").strip()
+    if not question:  # a bare "<image>": as the reference, no newline after it (its strip() removes it)
+        return [(role, IMAGE_TAG), *turns[1:]]
     after = position == "random" and rng is not None and rng.random() < 0.5
     return [(role, f"{question}\n{IMAGE_TAG}" if after else f"{IMAGE_TAG}\n{question}"), *turns[1:]]

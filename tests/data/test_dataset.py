@@ -134,3 +134,20 @@ def test_random_image_position_is_deterministic(vicuna_tokenizer, folder):
     # Both placements occur: the image tokens come right after the prompt header, or after the question.
     starts = {r["input_ids"].index(32000) for r in a.rows if r["has_image"]}
     assert len(starts) > 1
+
+
+def test_bare_image_question_gets_no_newline(vicuna_tokenizer, folder):
+    """A first question that is only "<image>" stays "<image>" (the reference's strip() drops the newline), so the
+    token after the image tokens is the "▁" that starts " ASSISTANT:", not "\\n" (13)."""
+    import random
+
+    assert place_image([("human", "<image>"), ("gpt", "A cat.")], "first")[0] == ("human", "<image>")
+    assert place_image([("human", " <image>\n"), ("gpt", "A cat.")], "random", random.Random(0))[0][1] == "<image>"
+    record = {"id": "bare", "image": "a.png", "conversations": [{"from": "human", "value": "<image>"},
+                                                                 {"from": "gpt", "value": "A cat."}]}
+    ds = LlavaDataset.from_records([record], vicuna_tokenizer, "vicuna_v1", image_folder=str(folder), cache_dir=False,
+                                   **COMMON)
+    ids = ds[0]["input_ids"]
+    after = ids[max(i for i, t in enumerate(ids) if t == COMMON["image_token_id"]) + 1:]
+    assert after[:3] == vicuna_tokenizer(" ASSISTANT:", add_special_tokens=False).input_ids[:3]
+    assert 13 not in after[:2]
