@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..errors import DataError, ImageError, UsageError
 from ..files import BadLine, iter_jsonl, write_atomic
-from ..llava.constants import LLAVA15_IMAGE_TOKENS
+from ..llava.constants import LLAVA15_IMAGE_TOKENS, SPECIAL_TEXTS
 from ..llava.tokenizer import image_token_id as tokenizer_image_token_id
 from ..llava.tokenizer import load_tokenizer
 from .images import load_image, resolve_image_path
@@ -104,6 +104,17 @@ def _image_problems(job: tuple[str | None, list[str], bool]) -> list[str]:
     return problems
 
 
+def _special_texts(sample: Sample, entry: _Entry) -> list[Problem]:
+    """A warning for each text that holds a string the tokenizer reads as a special token, saying what it becomes."""
+    out = []
+    for j, (_, value) in enumerate(sample.turns):
+        for text, meaning in SPECIAL_TEXTS.items():
+            if text in value:
+                out.append(Problem(entry.where, entry.id, f"conversations[{j}].value contains '{text}', which becomes "
+                                                          f"{meaning}, as in the LLaVA reference"))
+    return out
+
+
 def _parse(item: tuple[str, int, Any]) -> _Entry:
     path, index, record = item
     where = f"{path}, record {index}"
@@ -184,6 +195,8 @@ def check_data(paths: Iterable[str | Path], image_folder: str | Path | None, tem
                         out.write(json.dumps(row, separators=(",", ":")) + "\n")
                 if entry.reasons:
                     report.problems.append(Problem(entry.where, entry.id, "; ".join(entry.reasons)))
+                elif sample is not None:
+                    report.warnings += _special_texts(sample, entry)
 
     def check_into(tmp: Path) -> None:
         try:

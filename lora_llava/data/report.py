@@ -46,6 +46,8 @@ class DataReport:
     lengths: list[int] = dataclasses.field(default_factory=list)
     """Token lengths before truncation of the records without problems (kept or dropped as too long)."""
     problems: list[Problem] = dataclasses.field(default_factory=list)
+    warnings: list[Problem] = dataclasses.field(default_factory=list)
+    """Records that train, but perhaps not as meant (a literal special-token string in a text)."""
     template: str = ""
     max_length: int | None = None
     num_image_tokens: int = LLAVA15_IMAGE_TOKENS
@@ -82,6 +84,11 @@ class DataReport:
                      f"{self.kept} records would train")
         if not self.images_decoded:
             lines.append("images: existence checked only (not decoded)")
+        if self.warnings:
+            lines.append(f"warnings: {len(self.warnings)}")
+            lines += [f"  {p}" for p in self.warnings[:max_problems]]
+            if len(self.warnings) > max_problems:
+                lines.append(f"  ... and {len(self.warnings) - max_problems} more")
         lines.append(f"errors: {len(self.problems)}")
         lines += [f"  {p}" for p in self.problems[:max_problems]]
         if len(self.problems) > max_problems:

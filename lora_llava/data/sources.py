@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import DataError
 from ..files import iter_jsonl, read_json
+from ..llava.constants import PAD_TOKEN
 from .templates import IMAGE_TAG
 
 __all__ = ["Sample", "is_hf_source", "iter_file", "iter_hf", "iter_raw", "place_image", "read_records",
@@ -65,6 +66,11 @@ def sample_from_record(record: Any, index: int, path: str | None = None) -> Samp
                             f"starting with human (expected '{expected}')")
         if role == "gpt" and not value.strip():
             raise DataError(f"{where}: {field}.value is an empty answer")
+        if PAD_TOKEN in value:
+            # Our tokenizer has <pad> as a token (the reference's has not and reads the text): refuse, never train on
+            # a padding token written in the data.
+            raise DataError(f"{where}: {field}.value contains '{PAD_TOKEN}', which the tokenizer would read as its "
+                            "padding token (the LLaVA reference reads it as text); remove it or write it differently")
         turns.append((role, value))
     if turns[-1][0] != "gpt":
         raise DataError(f"{where}: the conversation ends on a human turn (its last question has no answer)")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __all__ = ["CLIP_MEAN", "DEFAULT_VISION_TOWER", "IGNORE_INDEX", "IMAGE_TOKEN", "LLAVA15_IMAGE_TOKENS", "LORA_TARGETS",
-           "PAD_TOKEN", "UNQUANTIZED_MODULES", "VOCAB_MULTIPLE", "image_tokens", "padded_vocab"]
+           "PAD_TOKEN", "SPECIAL_TEXTS", "UNQUANTIZED_MODULES", "VOCAB_MULTIPLE", "image_tokens", "padded_vocab"]
 
 IMAGE_TOKEN = "<image>"  # noqa: S105 - a token, not a password
 """The image placeholder, in the data's text and in the tokenizer (id 32000 on Vicuna's vocabulary)."""
@@ -11,6 +11,9 @@ PAD_TOKEN = "<pad>"  # noqa: S105 - a token, not a password
 """The padding token the llava-hf checkpoints add (id 32001 on Vicuna's vocabulary)."""
 VOCAB_MULTIPLE = 64
 """The llava-hf checkpoints pad the vocabulary (32002 tokens) to a multiple of 64 (32064 rows)."""
+SPECIAL_TEXTS = {"<s>": "the beginning-of-sequence token (1)", "</s>": "the end-of-sequence token (2)",
+                 "<unk>": "the unknown token (0)"}
+"""Strings in a text that the Llama tokenizer reads as one special token, here and in the LLaVA reference alike."""
 IGNORE_INDEX = -100
 """Label of a position that is not trained on."""
 

@@ -61,6 +61,8 @@ BAD = {  # index in the file -> (record, words the report must give for it)
         "2 '<image>' tag(s) but field 'image' gives 1 image(s)"),
     8: ({"id": "number", "conversations": _conv("Q", 42)}, "conversations[1].value must be a string, got int"),
     9: ({"id": "noconv", "image": "good.png"}, "field 'conversations' is missing"),
+    10: ({"id": "pad", "conversations": _conv("Q", "Fill <pad> here.")},
+         "conversations[1].value contains '<pad>', which the tokenizer would read as its padding token"),
 }
 
 
@@ -109,8 +111,9 @@ def test_every_bad_record_is_named_through_the_cli(tmp_path):
         line = next((ln for ln in r.stdout.splitlines() if f"{data}, record {index} " in ln), None)
         assert line is not None, f"record {index} not reported:\n{r.stdout}"
         assert f"(id '{record['id']}')" in line and reason in line, line
-    assert "record 0 " not in r.stdout and "record 10 " not in r.stdout  # the good ones
-    assert "records: 11 in 1 file(s)" in r.stdout and "2 records would train" in r.stdout
+    last = len(BAD) + 1
+    assert "record 0 " not in r.stdout and f"record {last} " not in r.stdout  # the good ones
+    assert f"records: {last + 1} in 1 file(s)" in r.stdout and "2 records would train" in r.stdout
     assert r.stdout.rstrip().endswith("FAILED")
 
 
@@ -236,3 +239,19 @@ def test_help_shows_the_docstring(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert "data" in capsys.readouterr().out
+
+
+def test_literal_special_tokens_warn_with_what_they_become(tmp_path, tok):
+    """'</s>' (or '<s>', '<unk>') in a text trains, as in the reference, as that special token: the check warns and
+    says so; the report stays OK. Training's ids hold the token the warning names."""
+    folder = _images(tmp_path)
+    record = {"id": "eos", "conversations": _conv("Why does </s> end it?", "Because.")}
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([record, CLEAN[2]]))
+    report = check_data([data], folder, tokenizer=tok, max_length=None)
+    assert report.ok and len(report.warnings) == 1
+    assert str(report.warnings[0]) == (f"{data}, record 0 (id 'eos'): conversations[0].value contains '</s>', which "
+                                       "becomes the end-of-sequence token (2), as in the LLaVA reference")
+    assert "warnings: 1" in report.format()
+    ids = _dataset([record], tok, folder, cache_dir=False)[0]["input_ids"]
+    assert ids.count(2) == 2  # the literal one in the question, and the one that closes the answer
