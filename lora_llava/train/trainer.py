@@ -45,10 +45,20 @@ class LlavaSFTTrainer(SFTTrainer):
         for n, p in self.model.named_parameters():
             if n in keep and p.data.dtype != keep[n].dtype:
                 p.data = keep[n]
+        self.add_callback(CheckpointMarker())
         self._tokens = 0  # real (non-pad) input tokens of this process since the last log
         self.tokens_seen = 0
         """Real (non-pad) input tokens of all processes trained on so far (restored on resume)."""
         self._last_log = None
+
+    def add_callback(self, callback) -> None:
+        """As the Trainer's, but the checkpoint marker stays the last callback: every other ``on_save`` runs before a
+        checkpoint counts as complete."""
+        super().add_callback(callback)
+        callbacks = self.callback_handler.callbacks
+        for marker in [c for c in callbacks if isinstance(c, CheckpointMarker)]:
+            callbacks.remove(marker)
+            callbacks.append(marker)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Tokens seen (all processes) and tokens per second since the previous log, next to the loss.
@@ -160,8 +170,8 @@ def modality_sampler(dataset, args, batch_size: int) -> ModalityLengthGroupedSam
 
 class CheckpointMarker(TrainerCallback):
     """Marks a checkpoint complete once every process has written its part (its RNG state; DeepSpeed its optimizer
-    shard), then rotates older checkpoints out (``save_total_limit``). :func:`build_trainer` keeps it last among the
-    callbacks, so a callback's ``on_save`` runs before the checkpoint counts as complete."""
+    shard), then rotates older checkpoints out (``save_total_limit``). :class:`LlavaSFTTrainer` adds it and keeps it
+    last among its callbacks, so any other callback's ``on_save`` runs before the checkpoint counts as complete."""
 
     def on_save(self, args, state, control, **kwargs):
         from accelerate import PartialState
@@ -178,7 +188,7 @@ def build_trainer(recipe, model, processor, train_dataset, eval_dataset=None, ar
                   callbacks: Sequence[TrainerCallback] = (), collator=None) -> LlavaSFTTrainer:
     """A :class:`LlavaSFTTrainer` for ``recipe``: its ``SFTConfig`` (``args``, default :func:`sft_config`), the
     multimodal collator (default: :class:`LlavaCollator` of the recipe's data section), the projector learning rate of
-    stage 2, modality-length grouping, the progress bar, ``callbacks`` and the checkpoint marker (always last)."""
+    stage 2, modality-length grouping, the progress bar and ``callbacks``."""
     from .sft import sft_config
 
     args = args if args is not None else sft_config(recipe, model.get_input_embeddings().weight.dtype)
@@ -202,6 +212,6 @@ def build_trainer(recipe, model, processor, train_dataset, eval_dataset=None, ar
     )
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
-    for callback in (ProgressBar(), *callbacks, CheckpointMarker()):
+    for callback in (ProgressBar(), *callbacks):
         trainer.add_callback(callback)
     return trainer

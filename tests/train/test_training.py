@@ -67,6 +67,14 @@ def test_projector_lr_reaches_its_parameter_group(make_recipe):
     train_ds, _ = build_datasets(recipe, processor, model.config)
     trainer = build_trainer(recipe, model, processor, train_ds.to_hf(), args=sft_config(recipe, torch.float32),
                             collator=LlavaCollator(processor.image_processor, 0))
+    # The checkpoint marker stays the last callback, whatever is added after it.
+    from transformers import TrainerCallback
+
+    from lora_llava.train.trainer import CheckpointMarker
+
+    trainer.add_callback(TrainerCallback())
+    kinds = [type(c) for c in trainer.callback_handler.callbacks]
+    assert kinds[-1] is CheckpointMarker and kinds.count(CheckpointMarker) == 1 and TrainerCallback in kinds
     opt = trainer.create_optimizer()
     projector_ids = {id(p) for n, p in model.named_parameters() if "multi_modal_projector" in n}
     for group in opt.param_groups:
