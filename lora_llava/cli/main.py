@@ -31,6 +31,9 @@ def _setup_logging(verbose: bool = False) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         warnings.filterwarnings("ignore", module=r"(torch|transformers|peft|trl|bitsandbytes|accelerate)(\..*)?")
+        # bitsandbytes logs "pip install kernels" on the CPU when an optional kernel package is missing: it reads
+        # like an instruction and is not the user's business (the CPU path works without it).
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[argparse.ArgumentParser], None]]] = {

@@ -69,6 +69,7 @@ def test_sft_end_to_end(make_recipe, tiny_llava, tmp_path):
     recipe.write_text(yaml.safe_dump(raw))
     r = _cli("sft", recipe, "train.logging_steps=1")
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "pip install kernels" not in r.stderr  # bitsandbytes' optional-kernel chatter is not the user's business
     run = tmp_path / "run"
     for name in ("recipe.yaml", "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
                  "projector.safetensors", "processor/tokenizer.json", "processor/processor_config.json",
