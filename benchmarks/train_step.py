@@ -29,6 +29,10 @@ Configurations, each in its own subprocess (``_shared/train_worker.py``: a clean
   paged_adamw_8bit  ours with train.optim: paged_adamw_8bit
   bf16_trainables   ours with model.dtype + train.trainable_dtype: bfloat16 (GPU only)
   workers           ours with train.dataloader_num_workers: 2 + train.dataloader_pin_memory: true
+  padding_free_flex ours (data.padding_free) with the language model on transformers' flex_attention: an exact
+                    kernel whose packed-sequence block mask skips the blocks between samples, for GPUs without
+                    flash-attn (``benchmarks/gpu/flex_check.py`` checks it against padded sdpa); not in the default
+                    list (compiled by torch.compile: tens of seconds the first time)
 
 Per step (a TrainerCallback given to the trainer, ``_shared/timing.py``; torch.cuda.synchronize on a GPU): wall time
 from one on_step_end to the next (data loading and logging included), the optimizer step, and the batch's non-pad
@@ -48,6 +52,7 @@ Run from the repository root:
 
     python -m benchmarks.train_step [--shape tiny|7b|13b ...] [--stage 1 2] [--batch 1] [--seq-len 2048]
         [--steps N] [--warmup N] [--configs NAME ...] [--json OUT] [--workdir DIR] [--assets DIR] [--dry-run]
+        [--timeout S] [--time-budget S]
     python -m benchmarks.train_step --from-json A.json B.json     # one report from several (partial) runs
 
 Defaults: with CUDA shapes 7b and 13b, seq 2048, 3 warm-up + 10 timed steps; without, shape tiny, seq 1024, 2 + 5
@@ -60,6 +65,10 @@ split it with --shape / --stage / --configs, keep the checkpoints and data betwe
     python -m benchmarks.train_step --workdir /tmp/ts --shape 7b --stage 2 --configs ours trl --json 7b-2a.json
     python -m benchmarks.train_step --workdir /tmp/ts --shape 7b --stage 2 --configs workers --json 7b-2b.json
     python -m benchmarks.train_step --from-json 7b-2a.json 7b-2b.json
+
+--time-budget S bounds the whole invocation (data and checkpoints included): each worker gets at most what is left
+(and --timeout), and a configuration that would start with less than --min-config-seconds left is recorded as
+skipped, so a run under a hard limit (the GPU run, ``benchmarks/gpu/run.sh``) ends with its JSON written.
 
 --dry-run writes config, processor and shard index (no tensor data; real shards for tiny), checks the parameter count
 (7b: llava-hf's 7,063,427,072) and key names against transformers, validates every configuration's recipe and prints
@@ -101,8 +110,11 @@ CONFIGS = {
                                                             "train": {"trainable_dtype": "bfloat16"}}),
     "workers": ("dataloader_num_workers: 2 + pin_memory", {"train": {"dataloader_num_workers": 2,
                                                                      "dataloader_pin_memory": True}}),
+    "padding_free_flex": ("data.padding_free with flex_attention (language model)", {}),
 }
 LABELS = {name: label for name, (label, _) in CONFIGS.items()}
+ATTENTION = {"padding_free_flex": "flex_attention"}  # kernels a recipe cannot name: the worker switches to them
+DEFAULT_CONFIGS = [name for name in CONFIGS if name not in ATTENTION]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -147,6 +159,14 @@ def skip_reason(config: str, cuda: bool) -> str | None:
             return "this lora-llava has no train.trainable_dtype"
         if not cuda:
             return "GPU only: needs model.dtype bfloat16, and a CPU run computes in fp32"
+    if ATTENTION.get(config) == "flex_attention":
+        from transformers.utils import is_torch_flex_attn_available
+
+        if not is_torch_flex_attn_available():
+            return "this torch has no flex attention"
+        if not cuda:
+            return "GPU only: torch's flex attention has no backward on the CPU (benchmarks.gpu.flex_check runs its " \
+                   "forward here)"
     return None
 
 
@@ -171,9 +191,11 @@ def run_worker(workdir: Path, tag: str, spec: dict, timeout: float | None, threa
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
             code = None
+        finally:  # also when this process is stopped (SIGTERM, see main): no worker outlives it holding the GPU
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     wall = time.perf_counter() - t
     if code == 0 and Path(spec["out"]).is_file():
         result = json.loads(Path(spec["out"]).read_text())
@@ -214,8 +236,9 @@ def dry_run_report(ckpt: Path, shape: str, info: dict, args, cuda: bool) -> None
             print(f"    {config}: {est}" + (f" (would be skipped here: {why})" if why else ""))
 
 
-def measure(args, cuda: bool, workdir: Path, temp: bool, results: list[dict], save) -> None:
-    """Data, checkpoints and one worker per (shape, stage, configuration); ``save()`` after each result."""
+def measure(args, cuda: bool, workdir: Path, temp: bool, results: list[dict], save, deadline: float) -> None:
+    """Data, checkpoints and one worker per (shape, stage, configuration); ``save()`` after each result. A worker gets
+    at most the time left before ``deadline`` (``time.monotonic()``; ``inf``: none)."""
     from lora_llava.config.recipe import recipe_from_dict
     from lora_llava.planner import plan
 
@@ -237,14 +260,26 @@ def measure(args, cuda: bool, workdir: Path, temp: bool, results: list[dict], sa
                 row = {"shape": shape, "stage": stage, "config": config, "batch": args.batch,
                        "seq_len": args.seq_len, "timed_steps": args.steps, "warmup": args.warmup}
                 why = skip_reason(config, cuda)
+                left = deadline - time.monotonic()
+                if not why and left < args.min_config_seconds:
+                    why = f"time budget spent ({max(left, 0):.0f} s of --time-budget {args.time_budget:.0f} s left)"
                 if why:
                     results.append({**row, "status": "skipped", "reason": why})
                     print(f"  {shape} stage {stage} {config}: skipped: {why}", flush=True)
+                    save()
                     continue
                 raw = recipe_dict(ckpt, data[stage], workdir / "run", stage, args, config)
-                spec = {"config": config, "recipe": raw, "records": str(data[stage] / "records.json")}
-                result = {**row, **run_worker(workdir, f"{shape}-s{stage}-{config}", spec, args.timeout,
-                                              args.threads)}
+                spec = {"config": config, "recipe": raw, "records": str(data[stage] / "records.json"),
+                        "attention": ATTENTION.get(config)}
+                t_config = time.monotonic()
+                try:
+                    result = {**row, **run_worker(workdir, f"{shape}-s{stage}-{config}", spec,
+                                                  min(args.timeout, left), args.threads)}
+                except SystemExit:  # SIGTERM (main): keep a record of the configuration it stopped
+                    results.append({**row, "status": "failed", "reason": "stopped by SIGTERM (an outer time "
+                                    f"limit) after {time.monotonic() - t_config:.0f} s of this configuration"})
+                    save()
+                    raise
                 if result["status"] == "ok" and len(result["steps"]) <= args.warmup:
                     result = {**row, "status": "failed", "reason": f"only {len(result['steps'])} steps ran (data "
                               f"dropped?), none timed after {args.warmup} warm-up steps"}
@@ -275,7 +310,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seq-len", type=int, help="data.max_length (default 2048 on CUDA, 1024 on CPU)")
     ap.add_argument("--steps", type=int, help="timed steps (default 10 on CUDA, 5 on CPU)")
     ap.add_argument("--warmup", type=int, help="warm-up steps, not timed (default 3 on CUDA, 2 on CPU)")
-    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=DEFAULT_CONFIGS,
+                    help=f"default: all but {', '.join(ATTENTION)}")
     ap.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: from a table by name)")
     ap.add_argument("--json", type=Path, help="write every result here")
     ap.add_argument("--workdir", type=Path, help="keep checkpoints, data and logs here and reuse them (default: a "
@@ -284,6 +320,10 @@ def parse_args() -> argparse.Namespace:
                                                 f"<repository>/../shared/assets/llava-samples when it is there, "
                                                 f"else generated sentences)")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per configuration")
+    ap.add_argument("--time-budget", type=float, help="seconds for the whole invocation: workers get at most what is "
+                                                      "left; configurations that cannot start are recorded as skipped")
+    ap.add_argument("--min-config-seconds", type=float, default=30,
+                    help="with --time-budget: skip a configuration when less than this is left (default 30)")
     ap.add_argument("--threads", type=int, help="CPU threads of each worker (default 1 without CUDA: on a shared "
                                                 "machine, OpenMP threads that outnumber the free cores make step "
                                                 "times 10x slower at random; torch's default with CUDA)")
@@ -302,6 +342,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def main() -> None:
+    # SIGTERM (``timeout``, a stopped job) as an exception, so that run_worker ends its worker on the way out.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     args = parse_args()
     if args.from_json:
         results = [r for p in args.from_json for r in json.loads(p.read_text())["results"]]
@@ -330,6 +372,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
     t_all = time.perf_counter()
+    deadline = time.monotonic() + args.time_budget if args.time_budget else float("inf")
     try:
         if args.dry_run:
             print("\n## Dry run: checkpoint layout, recipes, planner")
@@ -340,7 +383,7 @@ def main() -> None:
             return
         save = (lambda: args.json.write_text(json.dumps({"command": command, "machine": mline, "results": results},
                                                         indent=1))) if args.json else (lambda: None)
-        measure(args, cuda, workdir, temp, results, save)
+        measure(args, cuda, workdir, temp, results, save, deadline)
         save()
         report(results, LABELS, args.peak_tflops)
         print(f"\ntotal wall time {time.perf_counter() - t_all:.0f} s; load average now {os.getloadavg()[0]:.2f} "

@@ -110,7 +110,9 @@ def step_recorder():
             trainable = [p for p in model.parameters() if p.requires_grad]
             opt = getattr(optimizer, "optimizer", optimizer)
             self.info.update(
-                attention=getattr(base_model.config, "_attn_implementation", "?"),
+                # The language model's kernel (the benchmark may switch it alone, e.g. to flex_attention).
+                attention=getattr(getattr(base_model.config, "text_config", base_model.config), "_attn_implementation",
+                                  "?"),
                 compute_dtype=str(base_model.get_input_embeddings().weight.dtype).removeprefix("torch."),
                 trainable_dtype=",".join(sorted({str(p.dtype).removeprefix("torch.") for p in trainable})),
                 trainable_params=sum(p.numel() for p in trainable),

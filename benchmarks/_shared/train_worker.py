@@ -23,9 +23,21 @@ from .llava_inputs import CHAT_TEMPLATE, PLAIN_TEMPLATE, trl_dataset
 from .timing import step_recorder
 
 
-def lora_llava_trainer(recipe, records: list[dict], callbacks: list):
+def set_language_model_attention(model, attention: str) -> None:
+    """Switch the language model's attention kernel (e.g. ``flex_attention``, which a recipe cannot name) on a loaded
+    (PEFT-wrapped) LLaVA; the vision tower keeps its own. transformers reads the kernel from the config at every
+    forward, so this takes effect from the next step."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation({"text_config": attention})
+    got = base.config.text_config._attn_implementation
+    if got != attention:
+        raise RuntimeError(f"the language model's attention is {got!r} after asking for {attention!r}")
+
+
+def lora_llava_trainer(recipe, records: list[dict], callbacks: list, attention: str | None = None):
     """lora-llava's trainer for ``recipe`` on ``records``, set up as ``train()`` sets it up (seed, arguments, model on
-    this process's device, tokenized data), ``callbacks`` added."""
+    this process's device, tokenized data), ``callbacks`` added; ``attention``: another kernel for the language model
+    (:func:`set_language_model_attention`)."""
     from transformers import set_seed
 
     from lora_llava.model.runtime import resolve_dtype
@@ -37,6 +49,8 @@ def lora_llava_trainer(recipe, records: list[dict], callbacks: list):
     set_seed(recipe.train.seed)
     args = sft_config(recipe, resolve_dtype(recipe.model.dtype))
     model, processor = build_model(recipe, device_map(detect_launch(recipe)))
+    if attention:
+        set_language_model_attention(model, attention)
     train_ds, _ = build_datasets(recipe, processor, model.config, train_records=records)
     return build_trainer(recipe, model, processor, train_ds.to_hf(), args=args, callbacks=callbacks)
 
@@ -91,7 +105,7 @@ def run(spec: dict) -> dict:
     if spec["config"] == "trl":
         trainer = trl_trainer(recipe, records, [recorder], notes)
     else:
-        trainer = lora_llava_trainer(recipe, records, [recorder])
+        trainer = lora_llava_trainer(recipe, records, [recorder], spec.get("attention"))
     trainer.train()
     if "paged" in str(recipe.train.optim) and not torch.cuda.is_available():
         notes.append("bitsandbytes: paged optimizers fall back to non-paged on the CPU")
