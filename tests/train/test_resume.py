@@ -49,20 +49,11 @@ KILLER = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_llava, shapes_data, tmp_path_factory):
+def setup(make_recipe, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("resume")
     script = tmp_path / "killer.py"
     script.write_text(KILLER)
-    folder, train_json, _ = shapes_data
-    raw = {
-        "model": {"llava": str(tiny_llava)},
-        "quant": {"bits": 4},
-        "lora": {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0},
-        "data": {"train": str(train_json), "image_folder": str(folder), "template": "vicuna_v1", "max_length": 256},
-        "train": {"max_steps": 8, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "projector_lr": 1e-2,
-                  "warmup_steps": 0, "save_strategy": "steps", "save_steps": 2, "logging_steps": 1,
-                  "dataloader_num_workers": 0},
-    }
+    raw = make_recipe(train={"max_steps": 8, "save_strategy": "steps", "save_steps": 2, "dataloader_num_workers": 0})
 
     def run(name, *extra, **env):
         recipe = tmp_path / f"{name}.yaml"
