@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-__all__ = ["load_recipe_arg", "non_negative", "positive_int", "recipe_args"]
+__all__ = ["load_recipe_arg", "non_negative", "positive", "positive_int", "recipe_args"]
 
 
 def recipe_args(p: argparse.ArgumentParser, optional: bool = False) -> None:
@@ -32,4 +32,11 @@ def non_negative(value: str) -> float:
     x = float(value)
     if not x >= 0:  # NaN too
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return x
+
+
+def positive(value: str) -> float:
+    x = float(value)
+    if not x > 0 or x == float("inf"):  # NaN, 0, negatives and infinity
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
     return x

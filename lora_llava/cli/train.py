@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import RecipeError, UsageError
-from .common import load_recipe_arg, recipe_args
+from .common import load_recipe_arg, positive, positive_int, recipe_args
 
 __all__ = ["cmd_plan", "cmd_sft", "cmd_validate", "plan_args", "sft_args", "validate_args"]
 
@@ -106,7 +106,7 @@ def cmd_plan(args) -> int:
 
 def plan_args(p: argparse.ArgumentParser) -> None:
     recipe_args(p)
-    p.add_argument("--gpu-memory", type=float, metavar="GB",
+    p.add_argument("--gpu-memory", type=positive, metavar="GB",
                    help="GPU memory in GiB (default: the GPU here, else 24)")
-    p.add_argument("--seq-len", type=int, metavar="N",
+    p.add_argument("--seq-len", type=positive_int, metavar="N",
                    help="plan for samples of N tokens instead of data.max_length (e.g. ~650 for stage-1 captions)")

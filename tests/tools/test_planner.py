@@ -149,3 +149,38 @@ def test_plan_cli_exit_codes(capsys):
     bad = subprocess.run([sys.executable, "-m", "lora_llava", "plan", str(RECIPES / "llava15_7b.yaml"), "lora.rr=3"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "lora.rr" in bad.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seq-len", "-100"], "--seq-len: must be at least 1, got -100"),
+    (["--seq-len", "0"], "--seq-len: must be at least 1, got 0"),
+    (["--gpu-memory", "-5"], "--gpu-memory: must be a positive number, got -5"),
+    (["--gpu-memory", "0"], "--gpu-memory: must be a positive number, got 0"),
+    (["--gpu-memory", "nan"], "--gpu-memory: must be a positive number, got nan"),
+])
+def test_plan_refuses_numbers_that_mean_nothing(args, message, capsys):
+    """A negative or zero length or GPU size was accepted (a smaller estimate that "fits", or silently 2048)."""
+    from lora_llava.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", str(RECIPES / "llava15_7b.yaml"), *args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_plan_names_a_broken_or_foreign_checkpoint(tmp_path, capsys):
+    """A broken config.json is named with its line (not "could not be loaded from the Hub"); a Llama folder given as
+    model.llava is named as such (it was a TypeError)."""
+    from lora_llava.cli.main import main
+
+    broken, llama = tmp_path / "broken", tmp_path / "llama"
+    broken.mkdir()
+    llama.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llava",\n  oops}')
+    (llama / "config.json").write_text('{"model_type": "llama", "hidden_size": 64}')
+    assert main(["plan", str(RECIPES / "llava15_7b.yaml"), f"model.llava={broken}", "model.llm=null",
+                 "model.projector=null"]) == 2
+    err = capsys.readouterr().err
+    assert f"model.llava: {broken / 'config.json'}: not valid JSON" in err and "line 2" in err and "Hub" not in err
+    assert main(["plan", str(RECIPES / "llava15_7b.yaml"), f"model.llava={llama}", "model.llm=null",
+                 "model.projector=null"]) == 2
+    assert f"model.llava: '{llama}' is a 'llama' checkpoint, not a LLaVA" in capsys.readouterr().err
