@@ -40,6 +40,13 @@ def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Im
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGB":
         return image
+    if image.mode.startswith("I;16"):
+        # 16-bit greyscale (PNG): PIL's convert() clips every value above 255, so most of the picture turns white.
+        # Scale 0..65535 onto 0..255 instead.
+        import numpy as np
+
+        grey = np.rint(np.asarray(image, dtype=np.float64) / 257).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         # Transparent pixels over white, as a person viewing the image sees them.
         rgba = image.convert("RGBA")

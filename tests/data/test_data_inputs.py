@@ -151,3 +151,16 @@ def test_image_over_the_pixel_limit_is_refused(tmp_path, monkeypatch):
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageError, match="image 'cut.png' cannot be decoded"):
         images.load_image(tmp_path, "cut.png")
+
+
+def test_sixteen_bit_greyscale_keeps_its_tones(tmp_path):
+    """A 16-bit greyscale PNG (40000 of 65535) was loaded as pure white (PIL clips at 255); it must keep its grey."""
+    import numpy as np
+
+    values = np.array([[0, 40000], [65535, 257]], dtype=np.uint16)
+    Image.fromarray(values).save(tmp_path / "g16.png")
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    image = load_image(tmp_path, "g16.png", aspect="resize")
+    assert image.mode == "RGB"
+    assert [image.getpixel(xy) for xy in ((0, 0), (1, 0), (0, 1), (1, 1))] == [
+        (0, 0, 0), (156, 156, 156), (255, 255, 255), (1, 1, 1)]
