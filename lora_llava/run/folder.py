@@ -19,6 +19,7 @@ merge, chat, generate and report read it.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,12 @@ class RunFolder:
 
     # ---------------------------------------------------------------------------------------------------------------
     # Writing: every file atomically, so a reader (or a crash) never sees half of one.
+
+    def check_writable(self) -> None:
+        """Create the folder and write (then remove) a probe file in it: an ``OSError`` now, not after training."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.path / f".write-test-{os.getpid()}", "")
+        (self.path / f".write-test-{os.getpid()}").unlink()
 
     def write_recipe(self, recipe) -> None:
         write_text_atomic(self.recipe_file, recipe.to_yaml())

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..data import LlavaDataset
-from ..errors import DataError, LaunchError
+from ..errors import DataError, LaunchError, RecipeError
 from ..llava.spec import config_image_token_id, config_image_tokens
 from ..model.projector import projector_state
 from ..model.runtime import resolve_dtype
@@ -155,6 +155,12 @@ def train(recipe, train_records: Iterable[dict] | None = None, eval_records: Ite
         where = f" recipe {recipe.source}" if recipe.source else " this recipe"
         raise LaunchError(f"{launch.describe()} cannot run{where}:\n  - " + "\n  - ".join(problems))
     _quiet_other_ranks(launch)
+    if launch.is_main:
+        try:
+            RunFolder(recipe.train.output_dir).check_writable()  # before hours of training, not after
+        except OSError as e:
+            raise RecipeError([f"train.output_dir: '{recipe.train.output_dir}' cannot be written "
+                               f"({e.strerror or e})"], recipe.source) from None
     set_seed(recipe.train.seed)
     checkpoint = resolve_resume(recipe, resume)
     # The arguments come first: they start the process group (and DeepSpeed ZeRO-3's partitioned loading) that

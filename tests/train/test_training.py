@@ -136,3 +136,25 @@ def test_padding_free_equals_padded(make_recipe, vicuna_tokenizer):
         n = len(f["input_ids"])
         assert torch.allclose(h_pad[row, :n], h_flat[0, start:start + n], atol=1e-4), row
         start += n
+
+
+def test_output_dir_that_cannot_be_written_fails_before_loading(make_recipe, tmp_path, capsys):
+    """train.output_dir under a file (cannot be created): exit 2 naming the key, before any weights load (it used to
+    fail with a traceback after loading, or after all the steps)."""
+    import yaml
+
+    import lora_llava.model.stage as stage
+    from lora_llava.cli.main import main
+
+    (tmp_path / "a-file").write_text("not a folder")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(make_recipe(train={"output_dir": str(tmp_path / "a-file" / "run")})))
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(stage, "load_model", no_load)
+        assert main(["sft", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert f"train.output_dir: '{tmp_path / 'a-file' / 'run'}' cannot be written" in err
