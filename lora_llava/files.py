@@ -87,7 +87,7 @@ def iter_jsonl(path: str | Path, strict: bool = True) -> Iterator[tuple[int, Any
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is read, not refused
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot be read ({e})") from None
     for number, line in enumerate(text.splitlines(), 1):
@@ -107,7 +107,7 @@ def read_json(path: str | Path, expect: type | None = None, what: str = "") -> A
     of type ``expect`` (``what`` describes what was expected)."""
     path = Path(path)
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     except (OSError, UnicodeDecodeError) as e:

@@ -43,7 +43,18 @@ __all__ = ["Recipe", "apply_overrides", "load_recipe", "recipe_from_dict"]
 
 
 class _RecipeLoader(yaml.SafeLoader):
-    pass
+    def construct_mapping(self, node, deep=False):
+        # YAML lets a later key silently replace an earlier one; in a recipe that is always a mistake.
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice (lines {seen[key]} and {line}); the second would silently "
+                    "replace the first", key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 _RecipeLoader.add_implicit_resolver(
@@ -273,15 +284,24 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_file
     """
     path = Path(path)
     source = str(path)
+    if path.is_dir():
+        raise RecipeError([f"'{path}' is a folder; give the recipe's YAML file"], source)
     if not path.is_file():
         raise RecipeError([f"file '{path}' does not exist"], source)
     try:
-        raw = _yaml_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark some editors write is read, not refused
+    except UnicodeDecodeError as e:
+        raise RecipeError([f"not UTF-8 text (byte {e.start}: {e.reason}); save the recipe as UTF-8"], source) from None
+    try:
+        raw = _yaml_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise RecipeError([f"not valid YAML{where}: {getattr(e, 'problem', e)}"], source) from None
-    raw, problems = apply_overrides(raw if isinstance(raw, dict) else {}, overrides or [])
+    if raw is not None and not isinstance(raw, dict):
+        raise RecipeError([f"the top level must be a mapping of sections (model, quant, lora, data, train), got "
+                           f"{type(raw).__name__}"], source)
+    raw, problems = apply_overrides(raw or {}, overrides or [])
     try:
         recipe = recipe_from_dict(raw, source, check_files=check_files)
     except RecipeError as e:

@@ -161,6 +161,9 @@ def iter_raw(paths: Iterable[str | Path]) -> Iterator[tuple[str, int, Any]]:
                 yield str(path), index, record
             continue
         path = Path(path)
+        if path.is_dir():
+            raise DataError(f"{path}: is a folder, not a data file (LLaVA JSON / JSONL, or a datasets save_to_disk "
+                            "folder)")
         if not path.is_file():
             raise DataError(f"{path}: data file does not exist")
         for index, record in iter_file(path):

@@ -187,3 +187,28 @@ def test_shipped_recipe_without_its_data_says_where_to_get_it(name, file, url, t
     assert "data.image_folder: 'playground/data" in err and "not downloaded yet" in err
     assert main(["validate", str(recipe), "--no-files"]) == 0
     assert f"# {recipe}: OK" in capsys.readouterr().out
+
+
+def test_recipe_file_mistakes_are_named(tmp_path):
+    """Each used to give a misleading message or a traceback: a folder ("does not exist"), a top-level list
+    ("model: set model.llava ..."), a duplicate key (the last one silently won), latin-1 text (UnicodeDecodeError)."""
+    def problems(text: str | bytes) -> str:
+        path = tmp_path / "r.yaml"
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(RecipeError) as e:
+            load_recipe(path, check_files=False)
+        return str(e.value)
+
+    with pytest.raises(RecipeError, match="is a folder; give the recipe's YAML file"):
+        load_recipe(tmp_path)
+    assert "the top level must be a mapping of sections (model, quant, lora, data, train), got list" in problems(
+        "- model\n- train\n")
+    assert "key 'learning_rate' appears twice (lines 2 and 3)" in problems(
+        "train:\n  learning_rate: 1e-4\n  learning_rate: 2e-4\n")
+    assert "not UTF-8 text" in problems("model:\n  llava: caf\xe9\n".encode("latin-1"))
+
+
+def test_recipe_with_a_byte_order_mark_is_read(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_bytes("\ufeffmodel:\n  llava: some/model\ndata:\n  train: x.json\n".encode())
+    assert load_recipe(path, check_files=False).model.llava == "some/model"

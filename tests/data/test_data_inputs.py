@@ -164,3 +164,15 @@ def test_sixteen_bit_greyscale_keeps_its_tones(tmp_path):
     assert image.mode == "RGB"
     assert [image.getpixel(xy) for xy in ((0, 0), (1, 0), (0, 1), (1, 1))] == [
         (0, 0, 0), (156, 156, 156), (255, 255, 255), (1, 1, 1)]
+
+
+def test_data_file_mistakes_are_named(tmp_path):
+    """A folder given as a data file is named as a folder (it said "does not exist"); a JSON file with a byte-order
+    mark is read."""
+    (tmp_path / "data").mkdir()
+    with pytest.raises(DataError, match="is a folder, not a data file"):
+        list(read_records([tmp_path / "data"]))
+    record = {"id": "a", "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([record]).encode())
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(record).encode() + b"\n")
+    assert [s.id for s in read_records([tmp_path / "bom.json", tmp_path / "bom.jsonl"])] == ["a", "a"]
