@@ -24,6 +24,7 @@ import yaml
 
 from ..errors import RecipeError
 from ..llava.datasets import not_downloaded
+from ..llava.spec import looks_local
 from .sections import (
     LIST_FIELDS,
     OPTIONAL_SECTIONS,
@@ -202,8 +203,7 @@ def _cross_checks(r: Recipe, check_files: bool = True) -> list[str]:
         p.append(f"data.max_length: {r.data.max_length} is too small to hold a prompt and an answer")
     if r.lora.r <= 0:
         p.append(f"lora.r: must be positive, got {r.lora.r}")
-    if r.train.projector_lr is not None and r.train.projector_lr < 0:
-        p.append(f"train.projector_lr: must be >= 0, got {r.train.projector_lr}")
+    p += _range_problems(r)
     if r.train.trainable_dtype == "bfloat16" and r.model.dtype not in ("bfloat16", "auto"):
         p.append(f"train.trainable_dtype: bfloat16 needs model.dtype bfloat16 (or auto on a bf16 GPU), got "
                  f"'{r.model.dtype}'")
@@ -213,6 +213,12 @@ def _cross_checks(r: Recipe, check_files: bool = True) -> list[str]:
         p.append(f"train.group_by_modality_length and train.train_sampling_strategy: both choose the training "
                  f"sampler; set group_by_modality_length: false or leave train_sampling_strategy at 'random' "
                  f"(got '{r.train.train_sampling_strategy}')")
+    if check_files:
+        # Model paths that look local must exist (Hub ids are looked up when the model loads).
+        for key in ("llava", "llm", "vision_tower", "projector"):
+            path = getattr(m, key)
+            if path is not None and looks_local(path) and not Path(path).exists() and r.demo is None:
+                p.append(f"model.{key}: '{path}' does not exist")
     if r.demo is None and check_files:
         published = False
         for key in ("train", "eval"):
@@ -224,6 +230,35 @@ def _cross_checks(r: Recipe, check_files: bool = True) -> list[str]:
         if r.data.image_folder is not None and not Path(r.data.image_folder).is_dir():
             why = "not downloaded yet (see data.train)" if published else "is not a folder"
             p.append(f"data.image_folder: '{r.data.image_folder}' {why}")
+    return p
+
+
+def _range_problems(r: Recipe) -> list[str]:
+    """Values of the right type that cannot train (each one crashed or silently misbehaved after the model loaded)."""
+    t, p = r.train, []
+    checks = [
+        ("train.learning_rate", t.learning_rate, t.learning_rate >= 0, "must be >= 0"),
+        ("train.projector_lr", t.projector_lr, t.projector_lr is None or t.projector_lr >= 0, "must be >= 0"),
+        ("train.per_device_train_batch_size", t.per_device_train_batch_size, t.per_device_train_batch_size >= 1,
+         "must be at least 1"),
+        ("train.per_device_eval_batch_size", t.per_device_eval_batch_size, t.per_device_eval_batch_size >= 1,
+         "must be at least 1"),
+        ("train.gradient_accumulation_steps", t.gradient_accumulation_steps, t.gradient_accumulation_steps >= 1,
+         "must be at least 1"),
+        ("train.max_steps", t.max_steps, t.max_steps == -1 or t.max_steps >= 1,
+         "must be at least 1 (or -1: train for num_train_epochs)"),
+        ("train.num_train_epochs", t.num_train_epochs, t.max_steps >= 1 or t.num_train_epochs > 0,
+         "must be > 0 when train.max_steps is not set"),
+        ("train.logging_steps", t.logging_steps, t.logging_steps > 0, "must be > 0"),
+        ("train.save_steps", t.save_steps, t.save_steps > 0, "must be > 0"),
+        ("train.warmup_steps", t.warmup_steps, t.warmup_steps >= 0, "must be >= 0 (a count, or a fraction below 1)"),
+        ("lora.lora_dropout", r.lora.lora_dropout, 0 <= r.lora.lora_dropout < 1, "must be in [0, 1)"),
+    ]
+    for key, value, ok, rule in checks:
+        if not ok:
+            p.append(f"{key}: {rule}, got {value}")
+    if t.bf16 and t.fp16:
+        p.append("train.bf16 and train.fp16: choose one mixed precision, not both")
     return p
 
 

@@ -18,13 +18,20 @@ from ..files import read_json
 from .constants import DEFAULT_VISION_TOWER, image_tokens
 from .layouts import checkpoint_layout, original_text_fields
 
-__all__ = ["ModelSpec", "config_image_token_id", "config_image_tokens", "llava_config", "read_config_dict"]
+__all__ = ["ModelSpec", "config_image_token_id", "config_image_tokens", "llava_config", "looks_local",
+           "read_config_dict"]
+
+
+def looks_local(path: str) -> bool:
+    """Is ``path`` meant as a local path (absolute, relative with ./ or ~, existing, or not an ``owner/name`` Hub
+    id)?"""
+    p = Path(path)
+    return p.is_absolute() or path.startswith((".", "~")) or p.exists() or path.count("/") != 1
 
 
 def _check_checkpoint(path: str, key: str) -> None:
     p = Path(path)
-    looks_local = p.is_absolute() or path.startswith((".", "~")) or p.exists() or path.count("/") != 1
-    if looks_local and not p.exists():
+    if looks_local(path) and not p.exists():
         raise ModelError(f"{key}: '{path}' does not exist")
     if p.is_dir() and not (p / "config.json").is_file():
         raise ModelError(f"{key}: '{path}' has no config.json; is it a model checkpoint folder?")

@@ -154,6 +154,10 @@ def train(recipe, train_records: Iterable[dict] | None = None, eval_records: Ite
     if problems:
         where = f" recipe {recipe.source}" if recipe.source else " this recipe"
         raise LaunchError(f"{launch.describe()} cannot run{where}:\n  - " + "\n  - ".join(problems))
+    strategy = str(getattr(recipe.train.eval_strategy, "value", recipe.train.eval_strategy))
+    if strategy != "no" and not recipe.data.eval and eval_records is None:
+        raise RecipeError([f"train.eval_strategy: '{strategy}' needs evaluation data (data.eval, or eval_records "
+                           "passed to train())"], recipe.source)
     _quiet_other_ranks(launch)
     if launch.is_main:
         try:

@@ -212,3 +212,25 @@ def test_recipe_with_a_byte_order_mark_is_read(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_bytes("\ufeffmodel:\n  llava: some/model\ndata:\n  train: x.json\n".encode())
     assert load_recipe(path, check_files=False).model.llava == "some/model"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.learning_rate=-3e-3", "train.learning_rate: must be >= 0, got -0.003"),
+    ("train.per_device_train_batch_size=0", "train.per_device_train_batch_size: must be at least 1, got 0"),
+    ("train.gradient_accumulation_steps=0", "train.gradient_accumulation_steps: must be at least 1, got 0"),
+    ("train.max_steps=-5", "train.max_steps: must be at least 1 (or -1: train for num_train_epochs), got -5"),
+    ("train.num_train_epochs=0", "train.num_train_epochs: must be > 0 when train.max_steps is not set, got 0.0"),
+    ("lora.lora_dropout=1.5", "lora.lora_dropout: must be in [0, 1), got 1.5"),
+    ("train.logging_steps=0", "train.logging_steps: must be > 0, got 0"),
+    ("train.warmup_steps=-3", "train.warmup_steps: must be >= 0 (a count, or a fraction below 1), got -3"),
+    ("train.bf16=true", "train.bf16 and train.fp16: choose one mixed precision, not both"),
+    ("model.projector=./no-such-run", "model.projector: './no-such-run' does not exist"),
+])
+def test_values_that_cannot_train_are_recipe_errors(override, message, tmp_path):
+    """Each of these passed validate and then crashed sft after the model loaded (or trained silently wrong)."""
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": {"llava": "llava-hf/llava-1.5-7b-hf"}, "data": {"train": "x.json"},
+                                    "train": {"fp16": "bf16" in override}}))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path, [override], check_files=True)
+    assert message in str(e.value)

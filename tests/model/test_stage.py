@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lora_llava.config.recipe import recipe_from_dict
-from lora_llava.errors import ModelError
+from lora_llava.errors import ModelError, RecipeError
 from lora_llava.model.runtime import choose_attention
 from lora_llava.model.stage import build_model, model_summary
 
@@ -66,8 +66,10 @@ def test_lora_targets_outside_language_model_refused(make_recipe):
 def test_missing_checkpoint_is_named(make_recipe, tmp_path):
     raw = make_recipe()
     raw["model"]["llava"] = str(tmp_path / "nowhere")
-    with pytest.raises(ModelError, match=r"model.llava: '.*nowhere' does not exist"):
-        build_model(recipe_from_dict(raw))
+    with pytest.raises(RecipeError, match=r"model.llava: '.*nowhere' does not exist"):  # found by the recipe check
+        recipe_from_dict(raw)
+    with pytest.raises(ModelError, match=r"model.llava: '.*nowhere' does not exist"):  # and by the loader
+        build_model(recipe_from_dict(raw, check_files=False))
     (tmp_path / "empty").mkdir()
     raw["model"]["llava"] = str(tmp_path / "empty")
     with pytest.raises(ModelError, match="has no config.json"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -158,3 +160,17 @@ def test_output_dir_that_cannot_be_written_fails_before_loading(make_recipe, tmp
         assert main(["sft", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert f"train.output_dir: '{tmp_path / 'a-file' / 'run'}' cannot be written" in err
+
+
+def test_eval_strategy_without_eval_data_fails_before_loading(make_recipe, capsys):
+    """train.eval_strategy: steps with no data.eval crashed after the model loaded; now exit 2 naming the key."""
+    import yaml
+
+    from lora_llava.cli.main import main
+
+    raw = make_recipe(train={"eval_strategy": "steps", "eval_steps": 2})
+    path = Path(raw["train"]["output_dir"]).parent / "r.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["sft", str(path)]) == 2
+    assert "train.eval_strategy: 'steps' needs evaluation data (data.eval" in capsys.readouterr().err
+    assert not Path(raw["train"]["output_dir"]).exists()  # refused before anything was written
