@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from lora_llava.config.recipe import recipe_from_dict
 from lora_llava.data import LlavaCollator
-from lora_llava.errors import ModelError
+from lora_llava.errors import ModelError, RecipeError
 from lora_llava.llava.spec import config_image_token_id as image_token_id
 from lora_llava.llava.spec import config_image_tokens as num_image_tokens
 from lora_llava.model.stage import build_model
@@ -59,8 +59,10 @@ def test_reference_mm_projector_bin(make_recipe, tmp_path):
                                              r"\(64, 64\) \(a projector trained for another LLM"):
             build_model(recipe_from_dict(raw))
     raw["model"]["projector"] = str(tmp_path / "missing")
-    with pytest.raises(ModelError, match="model.projector: '.*missing' does not exist"):
-        build_model(recipe_from_dict(raw))
+    with pytest.raises(RecipeError, match="model.projector: '.*missing' does not exist"):  # the recipe check
+        recipe_from_dict(raw)
+    with pytest.raises(ModelError, match="model.projector: '.*missing' does not exist"):  # and the loader
+        build_model(recipe_from_dict(raw, check_files=False))
 
 
 def test_projector_lr_reaches_its_parameter_group(make_recipe):
