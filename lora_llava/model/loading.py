@@ -125,7 +125,7 @@ def _assemble(spec: ModelSpec, rt: Runtime) -> tuple[Any, Any]:
     # transformers remembers the renaming to undo it on save; the model is a llava-hf model now and saves as one.
     ours = set(key_mapping)
     model._weight_conversions = [c for c in getattr(model, "_weight_conversions", None) or []
-                                 if not ours & set(_patterns(c))] or None
+                                 if not ours & set(_patterns(c))] or None  # drop only our renamings
 
     with quiet_transformers():
         try:

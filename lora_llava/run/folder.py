@@ -146,8 +146,9 @@ class RunFolder:
     def check_writable(self) -> None:
         """Create the folder and write (then remove) a probe file in it: an ``OSError`` now, not after training."""
         self.path.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.path / f".write-test-{os.getpid()}", "")
-        (self.path / f".write-test-{os.getpid()}").unlink()
+        probe = self.path / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
 
     def write_recipe(self, recipe) -> None:
         write_text_atomic(self.recipe_file, recipe.to_yaml())
