@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 from ..llava.constants import IGNORE_INDEX
+from ..llava.tokenizer import encode_like_sentencepiece
 from .sources import Sample
 from .templates import IMAGE_TAG, Template
 
@@ -48,7 +49,7 @@ def _encode_segments(tokenizer, segments: list[tuple[str, bool]], image_token_id
             ids += [image_token_id] * num_image_tokens
             labels += [IGNORE_INDEX] * num_image_tokens
             offset += len(IMAGE_TAG)
-        enc = tokenizer(chunk, add_special_tokens=(k == 0), return_offsets_mapping=True)
+        enc = encode_like_sentencepiece(tokenizer, chunk, add_special_tokens=(k == 0))
         for tid, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
             start, end = start + offset, end + offset
             # A token is supervised when it overlaps an answer span; a zero-width one (the "▁" SentencePiece puts at

@@ -1,17 +1,37 @@
 """LLaVA-1.5's tokenizer: the Llama-2 / Vicuna-v1.5 vocabulary with ``<image>`` and ``<pad>`` added as the llava-hf
-checkpoints have them. The vocabulary ships with lora-llava, so the data tools and the demo work offline."""
+checkpoints have them. The vocabulary ships with lora-llava (as a ``tokenizer.json`` and as SentencePiece's
+``tokenizer.model``), so the data tools and the demo work offline.
+
+Which tokenizer training uses: the one the LLaVA reference trained with, SentencePiece itself (``use_fast=False``,
+``legacy=False``). The shipped ``tokenizer.json`` gives SentencePiece's ids on every text but one kind, a text that
+*starts* with a space, which :func:`encode_like_sentencepiece` handles (tested against SentencePiece and against
+the reference). transformers 5 converts a ``tokenizer.model``-only folder (Vicuna and original LLaVA checkpoints as
+published) into a tokenizer that also splits whitespace runs *inside* a text differently (``"two  spaces"``), so a
+folder whose ``tokenizer.model`` is the Llama-2 vocabulary gets the shipped tokenizer instead
+(:func:`load_folder_tokenizer`).
+"""
 
 from __future__ import annotations
 
+import functools
 import gzip
+import logging
 import tempfile
 from importlib import resources
 from pathlib import Path
 
 from ..errors import UsageError
+from ..files import read_json
 from .constants import IMAGE_TOKEN, PAD_TOKEN
 
-__all__ = ["add_llava_tokens", "image_token_id", "load_tokenizer", "vicuna_tokenizer"]
+__all__ = ["SENTENCEPIECE_MODEL", "add_llava_tokens", "encode_like_sentencepiece", "image_token_id",
+           "is_llama2_sentencepiece", "load_folder_tokenizer", "load_tokenizer", "sentencepiece_model_bytes",
+           "vicuna_tokenizer"]
+
+logger = logging.getLogger(__name__)
+
+SENTENCEPIECE_MODEL = "llama2-tokenizer.model"
+"""The Llama-2 SentencePiece model shipped in ``lora_llava/assets`` (see PROVENANCE.md there)."""
 
 
 def vicuna_tokenizer():
@@ -23,6 +43,72 @@ def vicuna_tokenizer():
         path = Path(tmp) / "tokenizer.json"
         path.write_bytes(gzip.decompress(data))
         return LlamaTokenizer(tokenizer_file=str(path))
+
+
+def sentencepiece_model_bytes() -> bytes:
+    """The shipped Llama-2 ``tokenizer.model`` (what exports in the original layout ship for the reference code)."""
+    return resources.files("lora_llava").joinpath("assets", SENTENCEPIECE_MODEL).read_bytes()
+
+
+def _pieces(data: bytes) -> list[tuple[str, float, int]] | None:
+    try:
+        from sentencepiece import sentencepiece_model_pb2 as pb
+
+        model = pb.ModelProto()
+        model.ParseFromString(data)
+    except Exception:  # noqa: BLE001 - any unreadable model is simply "not the Llama-2 one"
+        return None
+    return [(p.piece, round(p.score, 4), p.type) for p in model.pieces]
+
+
+@functools.lru_cache(maxsize=1)
+def _llama2_pieces() -> list[tuple[str, float, int]]:
+    return _pieces(sentencepiece_model_bytes()) or []
+
+
+def is_llama2_sentencepiece(path: str | Path) -> bool:
+    """Is the SentencePiece model at ``path`` the Llama-2 / Vicuna vocabulary (same pieces, scores and types)?"""
+    return _pieces(Path(path).read_bytes()) == _llama2_pieces()
+
+
+def load_folder_tokenizer(folder: str | Path, trust_remote_code: bool = False):
+    """The tokenizer of a checkpoint folder as training should see it (no ``<image>``/``<pad>`` added yet).
+
+    A folder with a ``tokenizer.json`` gets it. A ``tokenizer.model``-only folder (Vicuna, original LLaVA) whose model
+    is the Llama-2 vocabulary gets the shipped tokenizer, which tokenizes like SentencePiece; any other
+    ``tokenizer.model`` gets transformers' conversion, with a warning that whitespace runs may split differently.
+    """
+    from transformers import AutoTokenizer
+
+    folder = Path(folder)
+    spm_file = folder / "tokenizer.model"
+    if spm_file.is_file() and not (folder / "tokenizer.json").is_file():
+        if is_llama2_sentencepiece(spm_file):
+            tokenizer = vicuna_tokenizer()
+            settings = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() \
+                else {}
+            if isinstance(settings, dict):
+                for key in ("add_bos_token", "add_eos_token"):
+                    if isinstance(settings.get(key), bool):
+                        setattr(tokenizer, key, settings[key])
+                if isinstance(settings.get("model_max_length"), int):
+                    tokenizer.model_max_length = settings["model_max_length"]
+            return tokenizer
+        logger.warning("%s: tokenizer.model is not the Llama-2 vocabulary; transformers' conversion of it may split "
+                       "runs of spaces differently from SentencePiece (the LLaVA reference)", spm_file)
+    return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+
+
+def encode_like_sentencepiece(tokenizer, text: str, add_special_tokens: bool):
+    """``tokenizer(text, return_offsets_mapping=True)`` as SentencePiece (and the LLaVA reference) tokenizes ``text``
+    when a tokenizer call starts with it: SentencePiece puts its word-boundary ``▁`` before the text even when the
+    text starts with a space (``" x"`` -> ``▁ ▁x``), a ``tokenizers`` Metaspace does not (``▁x``). One more space in
+    front gives the same pieces; offsets stay those of ``text``."""
+    if not text.startswith((" ", "\u2581")):
+        return tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    enc = tokenizer(" " + text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    enc["offset_mapping"] = [(max(a - 1, 0), max(b - 1, 0)) if b > 0 else (a, b) for a, b in enc["offset_mapping"]]
+    return enc
 
 
 def add_llava_tokens(tokenizer) -> None:
@@ -49,10 +135,8 @@ def load_tokenizer(path: str | Path | None = None):
     else:
         if not Path(path).is_dir():
             raise UsageError(f"tokenizer '{path}' is not a local folder")
-        from transformers import AutoTokenizer
-
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+            tokenizer = load_folder_tokenizer(path)
         except (OSError, ValueError, TypeError) as e:
             raise UsageError(f"cannot load a tokenizer from '{path}' ({str(e).splitlines()[0][:300]})") from None
     add_llava_tokens(tokenizer)

@@ -22,7 +22,7 @@ from ..errors import ModelError
 from ..llava.constants import IMAGE_TOKEN, padded_vocab
 from ..llava.layouts import FROM_PRETRAINED_KEY_MAPPING
 from ..llava.spec import ModelSpec, llava_config
-from ..llava.tokenizer import add_llava_tokens, image_token_id
+from ..llava.tokenizer import add_llava_tokens, image_token_id, load_folder_tokenizer
 from .runtime import Runtime, quiet_transformers, runtime
 
 logger = logging.getLogger(__name__)
@@ -95,13 +95,13 @@ def _image_processor(vision: str, vision_config):
 
 def _assemble(spec: ModelSpec, rt: Runtime) -> tuple[Any, Any]:
     """Load the LLM's weights (renamed on the fly) into a LLaVA model, then the CLIP tower, then grow the vocabulary."""
-    from transformers import AutoTokenizer, CLIPVisionModel, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import CLIPVisionModel, LlavaForConditionalGeneration, LlavaProcessor
 
     weights, key, vision = spec.path, spec.key, spec.vision_path
     projector_in_checkpoint = spec.layout == "llava-original"
     key_mapping = FROM_PRETRAINED_KEY_MAPPING["llava-original" if projector_in_checkpoint else "llama"]
     try:
-        tokenizer = AutoTokenizer.from_pretrained(weights, trust_remote_code=rt.remote)
+        tokenizer = load_folder_tokenizer(weights, trust_remote_code=rt.remote)
     except (OSError, ValueError) as e:
         raise ModelError(f"{key}: '{weights}' has no usable tokenizer ({e})") from None
     add_llava_tokens(tokenizer)
