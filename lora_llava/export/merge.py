@@ -24,8 +24,8 @@ from ..errors import MergeError
 from ..files import read_json
 from ..llava.constants import DEFAULT_VISION_TOWER, padded_vocab
 from ..llava.layouts import EXPORT_INFO_FILE, to_hf, to_internal, to_original
-from ..llava.spec import ModelSpec, llava_config
-from ..llava.tokenizer import image_token_id
+from ..llava.spec import ModelSpec, llava_config, looks_local
+from ..llava.tokenizer import image_token_id, is_llama2_sentencepiece_vocab, sentencepiece_model_bytes
 from ..model.loading import added_rows
 from ..run.folder import RunFolder
 from .chat_template import VICUNA_CHAT_TEMPLATE, padding_image_processor
@@ -131,6 +131,8 @@ def _sources(run: _Run, base: str | None) -> tuple[list[tuple[Path, str]], dict[
         settings["tower"] = DEFAULT_VISION_TOWER if _is_clip_l_336(vision) else None
         return [(folder, spec.layout)], spec.text, vision, settings
     kind = "llava-original" if spec.layout == "llava-original" else "llama"
+    # A Hub id stays a Hub id; a local tower folder would tie the export to this machine: the export gets a copy.
+    settings["tower"] = None if looks_local(spec.vision_path) else spec.vision_path
     return [(folder, kind), (_local(spec.vision_path, spec.vision_key), "clip")], spec.text, vision, settings
 
 
@@ -141,8 +143,10 @@ def _is_clip_l_336(vision: dict[str, Any]) -> bool:
     return shape == (1024, 24, 336, 14)
 
 
-def _write_tower(weights: dict[str, torch.Tensor], folder: Path, vision_cfg: dict, final: Path) -> str:
-    """The vision tower of a llava-hf base as a CLIP vision checkpoint; returns the path the export will name."""
+def _write_tower(weights: dict[str, torch.Tensor], folder: Path, vision_cfg: dict) -> str:
+    """The vision tower as a CLIP vision checkpoint in the export; returns the name the export's config gives it:
+    ``./vision_tower``, relative so the export can move (lora-llava reads it relative to the export folder; the
+    reference code relative to the current directory)."""
     from safetensors.torch import save_file
     from transformers import CLIPImageProcessor, CLIPVisionConfig
 
@@ -154,7 +158,7 @@ def _write_tower(weights: dict[str, torch.Tensor], folder: Path, vision_cfg: dic
     size = config.image_size
     CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}).save_pretrained(
         str(folder))
-    return str(final.resolve())
+    return "./" + folder.name
 
 
 def _dequantizer(recipe, train_dtype: torch.dtype):
@@ -246,11 +250,34 @@ def merge(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: str =
         writer.finish()
         if format == "llava" and settings.get("tower") is None:
             # A llava-hf base carries its tower inside; the original layout names one: write it next to the model.
-            settings["tower"] = _write_tower(tower, tmp / "vision_tower", vision_cfg, out / "vision_tower")
+            settings["tower"] = _write_tower(tower, tmp / "vision_tower", vision_cfg)
         _write_configs(tmp, format, run, processor, text_cfg, vision_cfg, settings, vocab, dtype)
     logger.info("merged %d LoRA modules; wrote %s (%s layout, %s, %.2f GB)", len(merged), out, format, dtype,
                 writer.total / 1e9)
     return MergeResult(out, format, len(merged), len(written) + len(run.projector), writer.total)
+
+
+def _write_slow_tokenizer(folder: Path, tok) -> None:
+    """What the LLaVA reference code loads (``AutoTokenizer.from_pretrained(path, use_fast=False)`` on transformers
+    4.3x): SentencePiece's ``tokenizer.model`` and a ``tokenizer_config.json`` naming ``LlamaTokenizer`` with the
+    added tokens at their ids. transformers 5 reads the same config (with ``tokenizer.json``) to the same tokenizer."""
+    if not is_llama2_sentencepiece_vocab(tok):
+        logger.warning("the tokenizer is not the Llama-2 vocabulary: the export has no tokenizer.model, so the LLaVA "
+                       "reference code (use_fast=False) cannot load its tokenizer")
+        return
+    (folder / "tokenizer.model").write_bytes(sentencepiece_model_bytes())
+    added = {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                      "single_word": t.single_word, "special": t.special}
+             for i, t in sorted(tok.added_tokens_decoder.items())}
+    config = {
+        "tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True, "add_eos_token": False,
+        "bos_token": tok.bos_token, "eos_token": tok.eos_token, "unk_token": tok.unk_token, "pad_token": tok.pad_token,
+        "additional_special_tokens": [t for t in tok.additional_special_tokens if t] if hasattr(
+            tok, "additional_special_tokens") else [],
+        "added_tokens_decoder": added, "clean_up_tokenization_spaces": False, "model_max_length": 4096,
+        "padding_side": "right", "sp_model_kwargs": {}, "spaces_between_special_tokens": False,
+        "use_default_system_prompt": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
 def _write_configs(folder: Path, format: str, run: _Run, processor, text_cfg: dict, vision_cfg: dict,
@@ -286,6 +313,7 @@ def _write_configs(folder: Path, format: str, run: _Run, processor, text_cfg: di
             config.pop(k, None)
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         tok.save_pretrained(str(folder))
+        _write_slow_tokenizer(folder, tok)
     GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                      pad_token_id=tok.pad_token_id).save_pretrained(str(folder))
     (folder / EXPORT_INFO_FILE).write_text(json.dumps({

@@ -181,6 +181,10 @@ class ModelSpec:
         if select not in ("patch", "cls_patch"):
             raise ModelError(f"{key}: '{path}' has mm_vision_select_feature '{select}' (expected patch)")
         tower = m.vision_tower or config.get("mm_vision_tower") or DEFAULT_VISION_TOWER
+        if not m.vision_tower and tower.startswith("./") and Path(path).is_dir():
+            # An export's own tower folder ("./vision_tower"): relative to the checkpoint, so it moves with it. (The
+            # reference code opens it relative to the current directory instead.)
+            tower = str(Path(path) / tower)
         vision_key = "model.vision_tower" if m.vision_tower else f"mm_vision_tower of '{path}'"
         return cls("llava-original", key, path, config, original_text_fields(config),
                    _vision(tower, vision_key, known), tower, vision_key,

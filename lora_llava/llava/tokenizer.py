@@ -25,8 +25,8 @@ from ..files import read_json
 from .constants import IMAGE_TOKEN, PAD_TOKEN
 
 __all__ = ["SENTENCEPIECE_MODEL", "add_llava_tokens", "encode_like_sentencepiece", "image_token_id",
-           "is_llama2_sentencepiece", "load_folder_tokenizer", "load_tokenizer", "sentencepiece_model_bytes",
-           "vicuna_tokenizer"]
+           "is_llama2_sentencepiece", "is_llama2_sentencepiece_vocab", "load_folder_tokenizer", "load_tokenizer",
+           "sentencepiece_model_bytes", "vicuna_tokenizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,14 @@ def _llama2_pieces() -> list[tuple[str, float, int]]:
 def is_llama2_sentencepiece(path: str | Path) -> bool:
     """Is the SentencePiece model at ``path`` the Llama-2 / Vicuna vocabulary (same pieces, scores and types)?"""
     return _pieces(Path(path).read_bytes()) == _llama2_pieces()
+
+
+def is_llama2_sentencepiece_vocab(tokenizer) -> bool:
+    """Are the first 32,000 tokens of ``tokenizer`` the Llama-2 SentencePiece pieces (so the shipped
+    ``tokenizer.model`` describes it)?"""
+    pieces = _llama2_pieces()
+    vocab = tokenizer.get_vocab()
+    return len(vocab) >= len(pieces) and all(vocab.get(p) == i for i, (p, _, _) in enumerate(pieces))
 
 
 def load_folder_tokenizer(folder: str | Path, trust_remote_code: bool = False):
