@@ -46,10 +46,11 @@ FROM_PRETRAINED_KEY_MAPPING: dict[str, dict[str, str]] = {
 def checkpoint_layout(config: dict[str, Any]) -> str:
     """``llava-hf``, ``llava-original``, ``llama``, ``clip`` or the config's own model type."""
     model_type = config.get("model_type", "?")
-    if model_type == "llava":
-        return "llava-hf"
+    # Before model_type: the original releases (liuhaotian/llava-v1.5-7b) say "model_type": "llava" too.
     if "mm_vision_tower" in config or "mm_projector_type" in config or model_type in ("llava_llama", "llava_mistral"):
         return "llava-original"
+    if model_type == "llava":
+        return "llava-hf"
     if model_type in ("clip", "clip_vision_model"):
         return "clip"
     return model_type
