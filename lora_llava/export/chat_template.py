@@ -4,7 +4,9 @@ the image processor.
 Tokens: training (like the LLaVA reference) tokenizes the text after each ``<image>`` as a piece of its own, which
 SentencePiece starts with its word-boundary piece ``▁`` (id 29871) before ``\n`` (13). A tokenizer given the whole
 prompt in one string puts nothing between the ``<image>`` token and ``\n``. So the template writes ``<image> \n``:
-the space becomes exactly that ``▁`` and the ids equal training's.
+the space becomes exactly that ``▁`` and the ids equal training's. A message that is only an image is ``<image>``
+alone in training (no newline); the template then writes ``<image>  ASSISTANT:``, whose two spaces become the
+``▁ ▁A...`` that SentencePiece gives the piece `` ASSISTANT:`` after the image.
 
 Pixels: training pads an image to a square of the CLIP mean colour before CLIP's resize and centre crop (LLaVA-1.5's
 ``image_aspect_ratio: pad``); ``CLIPImageProcessor`` alone crops instead. transformers' ``LlavaImageProcessor`` with
@@ -24,7 +26,8 @@ VICUNA_CHAT_TEMPLATE = (
     "{%- else -%}{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') "
     "| join('\\n') -%}{%- set images = message['content'] | selectattr('type', 'equalto', 'image') | list | length -%}"
     "{%- endif -%}"
-    "{%- if message['role'] == 'user' -%}{{- 'USER: ' + '<image> \\n' * images + text + ' ' -}}"
+    "{%- if message['role'] == 'user' -%}"
+    "{{- 'USER: ' + ('<image> \\n' * images if text else '<image>' * images + ' ') + text + ' ' -}}"
     "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' + text + '</s>' -}}{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
