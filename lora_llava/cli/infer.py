@@ -8,10 +8,10 @@ import sys
 from ..errors import DataError, ModelError, UsageError
 from .common import non_negative, positive_int
 
-__all__ = ["chat_args", "cmd_chat", "cmd_generate", "generate_args"]
+__all__ = ["chat_args", "check_template", "cmd_chat", "cmd_generate", "generate_args", "model_args"]
 
 
-def _model_args(p: argparse.ArgumentParser) -> None:
+def model_args(p: argparse.ArgumentParser) -> None:
     """PATH and how to load it: shared by chat and generate."""
     p.add_argument("path", metavar="PATH",
                    help="a lora-llava run folder (recipe.yaml, projector, adapter) or a llava-hf / original LLaVA "
@@ -26,7 +26,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="where the model runs, e.g. cpu or cuda:1 (default: the GPU when there is one)")
 
 
-def _check_template(name: str | None) -> None:
+def check_template(name: str | None) -> None:
     if name is None:
         return
     from ..data import get_template
@@ -45,7 +45,7 @@ def cmd_chat(args) -> int:
     ('reset' starts the conversation over); with --prompt, one answer is printed. Greedy unless --temperature > 0.
     Exit code 0 on success, 1 when the model, the image or a question cannot be used, 2 on a bad command.
     """
-    _check_template(args.template)
+    check_template(args.template)
     from ..infer.chat import ChatSession, open_image
     from ..infer.load import load_for_inference
 
@@ -98,7 +98,7 @@ def cmd_chat(args) -> int:
 
 
 def chat_args(p: argparse.ArgumentParser) -> None:
-    _model_args(p)
+    model_args(p)
     p.add_argument("--image", metavar="IMG", help="the image to talk about (any image file); omit for text-only chat")
     p.add_argument("--prompt", metavar="TEXT", help="ask this one question, print the answer and exit")
     p.add_argument("--max-new-tokens", type=positive_int, default=512, metavar="N",
@@ -116,7 +116,7 @@ def cmd_generate(args) -> int:
     "answer_id", "model_id"}, in the order of the questions; the file appears only when every answer is written.
     Exit code 0 on success, 1 on a bad question line (its number is named), image or model, 2 on a bad command.
     """
-    _check_template(args.template)
+    check_template(args.template)
     import json
     import uuid
     from pathlib import Path
@@ -165,7 +165,7 @@ def cmd_generate(args) -> int:
 
 
 def generate_args(p: argparse.ArgumentParser) -> None:
-    _model_args(p)
+    model_args(p)
     p.add_argument("--questions", required=True, metavar="Q.jsonl",
                    help="LLaVA question file: one {question_id, image, text} per line")
     p.add_argument("--image-folder", required=True, metavar="DIR", help="folder the questions' image paths are under")

@@ -10,7 +10,7 @@ from PIL import Image
 from ..errors import ImageError
 from ..llava.constants import CLIP_MEAN
 
-__all__ = ["MAX_PIXELS", "expand_to_square", "load_image", "resolve_image_path"]
+__all__ = ["MAX_PIXELS", "expand_to_square", "load_image", "mean_fill", "resolve_image_path", "to_rgb"]
 MAX_PIXELS = 64_000_000
 """Images larger than this are refused (decompression-bomb guard); a 336 px model never needs more."""
 
@@ -37,7 +37,8 @@ def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Im
     return out
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
+    """``image`` as RGB the way training reads it (16-bit greyscale scaled, transparency over white)."""
     if image.mode == "RGB":
         return image
     if image.mode.startswith("I;16"):
@@ -69,11 +70,16 @@ def load_image(root: str | Path | None, relative: str, aspect: str = "pad",
                 if im.width * im.height > MAX_PIXELS:
                     raise ImageError(f"image '{relative}' is {im.width}x{im.height}, over the {MAX_PIXELS} pixel limit")
                 im.load()
-                image = _to_rgb(im)
+                image = to_rgb(im)
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise ImageError(f"image '{relative}' cannot be decoded ({e})") from None
     if aspect == "pad":
-        image = expand_to_square(image, tuple(int(c * 255) for c in mean))
+        image = expand_to_square(image, mean_fill(mean))
     return image
+
+
+def mean_fill(mean: tuple[float, ...]) -> tuple[int, int, int]:
+    """The pad colour of ``pad``: the image processor's mean, in 0..255 (truncated, as the reference)."""
+    return tuple(int(c * 255) for c in mean)
