@@ -1,0 +1,89 @@
+"""``lora-llava eval run``: LLaVA answer files from a run folder and from its export are identical, batched answers
+equal batch-size-1 answers, an interrupted run resumes, and the demo's held-out split is scored as ``custom``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lora_llava.cli import main as cli
+from lora_llava.errors import DataError
+from lora_llava.eval.runner import run_eval
+
+LIMIT = 6
+TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def run16(trained_run):
+    return trained_run(16).output_dir
+
+
+@pytest.fixture(scope="module")
+def export16(run16, tmp_path_factory):
+    from lora_llava.export.merge import merge
+
+    return merge(run16, tmp_path_factory.mktemp("export") / "hf", dtype="fp32", progress=False).out
+
+
+def _answers(folder):
+    return [json.loads(line) for line in (folder / "answers.jsonl").read_text().splitlines()]
+
+
+def _eval(path, out, shapes_data, batch_size, *extra):
+    folder, _, eval_file = shapes_data
+    return cli.main(["eval", "run", str(path), "--benchmark", "custom", "--questions", str(eval_file),
+                     "--image-folder", str(folder), "--out", str(out), "--limit", str(LIMIT), "--batch-size",
+                     str(batch_size), "--max-new-tokens", str(TOKENS), *extra])
+
+
+def test_run_folder_and_export_answer_alike_batched_or_not(run16, export16, shapes_data, tmp_path, capsys):
+    assert _eval(run16, tmp_path / "run-b4", shapes_data, 4) == 0
+    printed = capsys.readouterr().out
+    assert _eval(run16, tmp_path / "run-b1", shapes_data, 1) == 0
+    assert _eval(export16, tmp_path / "export-b3", shapes_data, 3) == 0
+    batched, single, export = (_answers(tmp_path / d) for d in ("run-b4", "run-b1", "export-b3"))
+    texts = [a["text"] for a in batched]
+    assert len(texts) == LIMIT and any(texts)
+    assert texts == [a["text"] for a in single]      # left-padded batches answer as batch size 1
+    assert texts == [a["text"] for a in export]      # the export answers as the run folder
+    records = json.loads(shapes_data[2].read_text())[:LIMIT]
+    first = batched[0]
+    assert set(first) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+    assert first["question_id"] == records[0]["id"]
+    assert first["prompt"] == records[0]["conversations"][0]["value"].replace("<image>", "").strip()
+    assert first["model_id"] == run16.name
+    # scores.json: custom compares each answer with the record's first answer.
+    scores = json.loads((tmp_path / "run-b4" / "scores.json").read_text())
+    expected = [r["conversations"][1]["value"].strip() == t.strip() for r, t in zip(records, texts)]
+    assert scores["benchmark"] == "custom" and scores["n"] == LIMIT
+    assert scores["exact_match"] == pytest.approx(100 * sum(expected) / LIMIT)
+    assert "vqa_match" in printed and f"{LIMIT} answers written" in printed
+
+
+def test_interrupted_run_resumes(run16, shapes_data, tmp_path):
+    folder, _, eval_file = shapes_data
+    out = tmp_path / "e"
+    kwargs = dict(image_folder=folder, batch_size=4, limit=LIMIT, max_new_tokens=TOKENS, progress=False)
+    first = run_eval(run16, "custom", eval_file, out, **kwargs)
+    assert (first.written, first.skipped) == (LIMIT, 0)
+    full = (out / "answers.jsonl").read_text().splitlines()
+    # Killed while writing: two answers lost, the third cut in the middle of its line.
+    (out / "answers.jsonl").write_text("\n".join(full[:3]) + "\n" + full[3][:20])
+    again = run_eval(run16, "custom", eval_file, out, **kwargs)
+    assert (again.written, again.skipped) == (3, 3)
+    resumed = _answers(out)
+    assert [a["question_id"] for a in resumed] == [json.loads(x)["question_id"] for x in full]
+    assert [a["text"] for a in resumed] == [json.loads(x)["text"] for x in full]
+    done = run_eval("/nonexistent-model", "custom", eval_file, out, **kwargs)  # nothing left: no model is loaded
+    assert done.written == 0 and done.scores.n == LIMIT
+
+
+def test_bad_question_files_name_the_line(shapes_data, tmp_path):
+    folder, _, _ = shapes_data
+    q = tmp_path / "q.jsonl"
+    q.write_text(json.dumps({"question_id": 1, "image": "images/eval_00000.png", "text": "Q?"}) + "\n"
+                 + json.dumps({"question_id": 2, "image": "missing.png", "text": "Q?"}) + "\n")
+    with pytest.raises(DataError, match=r"q\.jsonl, line 2: image 'missing\.png' not found"):
+        run_eval("/nonexistent-model", "pope", q, tmp_path / "out", image_folder=folder)
