@@ -7,11 +7,10 @@ import json
 import logging
 
 import pytest
+from judge_server import ScriptedJudge  # tests/eval/judge_server.py (pytest puts tests/eval on the path)
 
 from lora_llava.cli import main as cli
 from lora_llava.eval.judge import parse_correctness, parse_pair
-
-from judge_server import ScriptedJudge  # tests/eval/judge_server.py (pytest puts tests/eval on the path)
 
 KEY = "sk-test-very-secret-42"
 
