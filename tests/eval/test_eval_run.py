@@ -4,6 +4,7 @@ equal batch-size-1 answers, an interrupted run resumes, and the demo's held-out 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -87,3 +88,32 @@ def test_bad_question_files_name_the_line(shapes_data, tmp_path):
                  + json.dumps({"question_id": 2, "image": "missing.png", "text": "Q?"}) + "\n")
     with pytest.raises(DataError, match=r"q\.jsonl, line 2: image 'missing\.png' not found"):
         run_eval("/nonexistent-model", "pope", q, tmp_path / "out", image_folder=folder)
+
+
+def test_recipe_eval_section_runs_after_training_and_report_lists_it(make_recipe, shapes_data, tmp_path, capsys):
+    from lora_llava.config.recipe import recipe_from_dict
+    from lora_llava.train.sft import train
+
+    folder, _, eval_file = shapes_data
+    raw = make_recipe(quant={"bits": 16}, model={"attn_implementation": "sdpa"}, data={"eval": str(eval_file)},
+                      train={"max_steps": 2, "output_dir": str(tmp_path / "run")},
+                      eval={"benchmark": "custom", "limit": 4, "max_new_tokens": 6, "batch_size": 2})
+    result = train(recipe_from_dict(raw))
+    scores_file = tmp_path / "run" / "eval" / "custom" / "scores.json"
+    scores = json.loads(scores_file.read_text())
+    assert scores["n"] == 4 and result.metrics["scores"] == scores
+    assert "held-out accuracy:" in result.metrics["summary"]
+    assert len(_answers(scores_file.parent)) == 4
+    assert cli.main(["report", str(tmp_path / "run")]) == 0
+    assert re.search(rf"eval custom +vqa_match {scores['vqa_match']:.2f}, exact_match", capsys.readouterr().out)
+
+
+def test_recipe_eval_section_is_checked(make_recipe):
+    from lora_llava.config.recipe import recipe_from_dict
+    from lora_llava.errors import RecipeError
+
+    with pytest.raises(RecipeError) as e:
+        recipe_from_dict(make_recipe(eval={"benchmark": "pope", "limit": 0, "questions": "/nope.jsonl"}))
+    text = str(e.value)
+    assert "eval.annotations: pope needs" in text and "eval.limit: must be at least 1" in text
+    assert "eval.questions: '/nope.jsonl' does not exist" in text
