@@ -28,7 +28,7 @@ from .answers import Answer, Scores, read_json_file, read_jsonl_objects
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["JudgeClient", "llava_bench_prompt", "parse_pair", "parse_correctness", "score_judged"]
+__all__ = ["JudgeClient", "llava_bench_prompt", "parse_correctness", "parse_pair", "score_judged", "summarise_pairs"]
 
 SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
 
@@ -178,7 +178,7 @@ def llava_bench_prompt(context: str, question: str, reference: str, answer: str,
             f"[{role} 2]\n{answer}\n\n[End of {role} 2]\n\n[System]\n{rule['prompt']}\n\n")
 
 
-def _summarise_pairs(pairs: list[list[float]]) -> dict[str, float]:
+def summarise_pairs(pairs: list[list[float]]) -> dict[str, float]:
     import numpy as np
 
     mean = [round(x, 3) for x in np.asarray(pairs).mean(0).tolist()]
@@ -223,7 +223,7 @@ def _score_llava_bench(answers: list[Answer], folder: Path, questions: str | Pat
             reviews.append({"run": run, "question_id": a.question_id, "category": category, "content": review,
                             "tuple": pair})
         per_run.append(scores)
-    runs = [{k: _summarise_pairs(v) for k, v in sorted(s.items())} for s in per_run]
+    runs = [{k: summarise_pairs(v) for k, v in sorted(s.items())} for s in per_run]
     mean = {k: round(sum(r[k]["relative"] for r in runs) / len(runs), 1) for k in runs[0]}
     per_category = {k.removeprefix("llava_bench_"): {"relative": v, **({"runs": [r[k]["relative"] for r in runs]})}
                     for k, v in mean.items() if k != "all"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -237,3 +238,12 @@ def test_bad_answer_files_name_file_and_line(tmp_path):
     pope = write_answers(tmp_path / "pope.jsonl", [(1, "Is there a dog?\nAnswer.", "Yes")])
     with pytest.raises(DataError, match=r"pope\.jsonl, line 1: question_id 1"):
         score_answers("textvqa", pope, tv)
+
+
+@pytest.mark.skipif(not os.environ.get("LORA_LLAVA_REFERENCE_PYTHON"),
+                    reason="set LORA_LLAVA_REFERENCE_PYTHON to a Python with llava-torch (the LLaVA reference)")
+def test_scores_equal_the_reference_scorers():
+    """benchmarks/eval_parity.py: our scorers and the reference's own code on the same generated files."""
+    from benchmarks.eval_parity import main
+
+    assert main(["--reference-python", os.environ["LORA_LLAVA_REFERENCE_PYTHON"]]) == 0
