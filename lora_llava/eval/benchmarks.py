@@ -91,7 +91,12 @@ def score_answers(benchmark: str, answers_file: str | Path, annotations: str | P
     if benchmark == "mme":
         return score_mme(answers, annotations)
     if benchmark == "custom":
-        return score_custom(answers, annotations)
+        scores = score_custom(answers, annotations)
+        if judge is not None:
+            from .custom import judge_custom
+
+            judge_custom(scores, answers, annotations, questions, judge, cache_dir)
+        return scores
     from .judge import score_judged
 
     if judge is None:

@@ -12,7 +12,7 @@ from ..errors import DataError
 from .answers import Answer, Scores, read_json_file
 from .normalize import normalize_answer
 
-__all__ = ["read_custom_truth", "score_custom"]
+__all__ = ["judge_custom", "read_custom_truth", "score_custom"]
 
 
 def read_custom_truth(path: str | Path) -> dict[Any, tuple[str, Any]]:
@@ -47,3 +47,22 @@ def score_custom(answers: list[Answer], annotations: str | Path) -> Scores:
     return Scores("custom", {"vqa_match": 100.0 * sum(vqa) / n, "exact_match": 100.0 * sum(exact) / n},
                   {k: {"vqa_match": 100.0 * sum(v) / len(v), "n": len(v)} for k, v in sorted(per_cat.items())},
                   n=n, extra={"correct": sum(vqa)})
+
+
+def judge_custom(scores: Scores, answers: list[Answer], annotations: str | Path, questions: str | Path | None,
+                 judge, cache_dir: str | Path | None) -> None:
+    """Add ``judge`` (x100) to ``scores``: a judge model grades each answer 0.0-1.0 against the record's answer, as
+    MM-Vet is graded (the question is the record's first human turn)."""
+    from .judge import judge_correctness
+
+    records = read_json_file(annotations, list, "a JSON list of LLaVA records")
+    asked = {r.get("id", i): str(r["conversations"][0].get("value", "")).replace("<image>", "").strip()
+             for i, r in enumerate(records)}
+    truth = read_custom_truth(annotations)
+    items = [(a, asked.get(a.question_id, a.prompt), truth[a.question_id][0], []) for a in answers]
+    cache = Path(cache_dir) if cache_dir is not None else None
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+    runs, _, _, failed = judge_correctness(items, judge, cache)
+    scores.metrics["judge"] = sum(runs) / len(runs)
+    scores.extra.update({"judge_runs": runs, "judge_model": judge.model, "judge_failed_to_parse": failed})

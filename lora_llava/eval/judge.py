@@ -28,7 +28,8 @@ from .answers import Answer, Scores, read_json_file, read_jsonl_objects
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["JudgeClient", "llava_bench_prompt", "parse_correctness", "parse_pair", "score_judged", "summarise_pairs"]
+__all__ = ["JudgeClient", "judge_correctness", "llava_bench_prompt", "parse_correctness", "parse_pair", "score_judged",
+           "summarise_pairs"]
 
 SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
 
@@ -245,18 +246,16 @@ def parse_correctness(reply: str) -> float | None:
     return score if 0.0 <= score <= 1.0 else None
 
 
-def _score_mm_vet(answers: list[Answer], path: Path, judge: JudgeClient, cache: Path | None) -> Scores:
-    truth = read_json_file(path, dict, "MM-Vet annotations (mm-vet.json)")
-    runs, failed = [], 0
-    per_cap_runs: list[dict[str, float]] = []
+def judge_correctness(items: list[tuple[Answer, str, str, list[str]]], judge: JudgeClient,
+                      cache: Path | None) -> tuple[list[float], dict[str, float], dict[str, int], int]:
+    """MM-Vet's grading of ``(answer, question, ground truth, capabilities)`` items: per-run mean x 100 (one per
+    judge run), per-capability means (x 100, averaged over runs), capability counts, replies never parsed."""
+    runs, failed, per_cap_runs = [], 0, []
+    counts: dict[str, int] = defaultdict(int)
     for run in range(judge.runs):
         scores, caps = [], defaultdict(list)
-        for a in answers:
-            item = truth.get(a.question_id)
-            if not isinstance(item, dict) or "answer" not in item:
-                raise DataError(f"{a.where}: question_id {a.question_id!r} is not in {path}")
-            row = " | ".join([item.get("question", ""), item["answer"].replace("<AND>", " <AND> ")
-                             .replace("<OR>", " <OR> "), a.text, ""])
+        for a, question, truth, capabilities in items:
+            row = " | ".join([question, truth.replace("<AND>", " <AND> ").replace("<OR>", " <OR> "), a.text, ""])
             messages = [{"role": "user", "content": MMVET_PROMPT + row}]
             score = None
             for attempt in range(5):
@@ -266,15 +265,28 @@ def _score_mm_vet(answers: list[Answer], path: Path, judge: JudgeClient, cache: 
                 if score is not None:
                     break
             if score is None:
-                failed += 1
+                failed += run == 0
                 score = 0.0
             scores.append(score)
-            for cap in item.get("capability", []):
+            for cap in capabilities:
                 caps[cap].append(score)
         runs.append(sum(scores) / len(scores) * 100)
-        per_cap_runs.append({c: (sum(v) / len(v) * 100, len(v)) for c, v in caps.items()})
-    per_category = {c: {"score": sum(r[c][0] for r in per_cap_runs) / len(per_cap_runs), "n": per_cap_runs[0][c][1]}
-                    for c in sorted(per_cap_runs[0])}
+        per_cap_runs.append({c: sum(v) / len(v) * 100 for c, v in caps.items()})
+        counts = {c: len(v) for c, v in caps.items()}
+    per_cap = {c: sum(r[c] for r in per_cap_runs) / len(per_cap_runs) for c in sorted(per_cap_runs[0])}
+    return runs, per_cap, counts, failed
+
+
+def _score_mm_vet(answers: list[Answer], path: Path, judge: JudgeClient, cache: Path | None) -> Scores:
+    truth = read_json_file(path, dict, "MM-Vet annotations (mm-vet.json)")
+    items = []
+    for a in answers:
+        item = truth.get(a.question_id)
+        if not isinstance(item, dict) or "answer" not in item:
+            raise DataError(f"{a.where}: question_id {a.question_id!r} is not in {path}")
+        items.append((a, item.get("question", ""), item["answer"], list(item.get("capability", []))))
+    runs, per_cap, counts, failed = judge_correctness(items, judge, cache)
+    per_category = {c: {"score": v, "n": counts[c]} for c, v in per_cap.items()}
     return Scores("mm-vet", {"total": sum(runs) / len(runs)}, per_category, n=len(answers), failed_to_parse=failed,
                   extra={"runs": runs, "judge_model": judge.model})
 

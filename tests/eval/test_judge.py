@@ -102,3 +102,21 @@ def test_mm_vet_asks_again_then_counts_zero(tmp_path):
     scores = json.loads((tmp_path / "s.json").read_text())
     assert scores["total"] == pytest.approx(50.0) and scores["failed_to_parse"] == 1
     assert scores["per_category"]["rec"]["score"] == pytest.approx(50.0)
+
+
+def test_custom_with_a_judge(tmp_path):
+    held = tmp_path / "held.json"
+    held.write_text(json.dumps([{"id": f"r{i}", "conversations": [{"from": "human", "value": f"<image>\nQ{i}?"},
+                                                                  {"from": "gpt", "value": "A red circle."}]}
+                                for i in range(2)]))
+    answers = tmp_path / "a.jsonl"
+    answers.write_text("".join(json.dumps({"question_id": f"r{i}", "prompt": f"Q{i}?", "text": t}) + "\n"
+                               for i, t in enumerate(["A red circle.", "A blue one."])))
+    with ScriptedJudge([(200, "1.0"), (200, "0.2")]) as server:
+        assert cli.main(["eval", "score", "--benchmark", "custom", "--answers", str(answers), "--annotations",
+                         str(held), "--out", str(tmp_path / "s.json"), "--judge-url", server.url,
+                         "--judge-model", "j"]) == 0
+        asked = server.requests[1]["body"]["messages"][0]["content"]
+    assert asked.endswith("\nQ1? | A red circle. | A blue one. | ")
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert scores["vqa_match"] == 50.0 and scores["judge"] == pytest.approx(60.0)

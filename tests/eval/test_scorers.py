@@ -247,3 +247,23 @@ def test_scores_equal_the_reference_scorers():
     from benchmarks.eval_parity import main
 
     assert main(["--reference-python", os.environ["LORA_LLAVA_REFERENCE_PYTHON"]]) == 0
+
+
+def test_vqav2_scores_and_submission(tmp_path):
+    from lora_llava.eval.vqa import write_vqav2_submission
+
+    ann = tmp_path / "v2_mscoco_val2014_annotations.json"
+    ann.write_text(json.dumps({"annotations": [
+        {"question_id": 1, "answer_type": "number", "answers": [{"answer": "2"}] * 10},
+        {"question_id": 2, "answer_type": "yes/no", "answers": [{"answer": "yes"}] * 2 + [{"answer": "no"}] * 8},
+    ]}))
+    answers = write_answers(tmp_path / "a.jsonl", [(1, "q", "Two."), (2, "q", "Yes")])
+    scores = score_answers("vqav2", answers, ann)
+    assert scores.metrics["accuracy"] == pytest.approx(80.0)   # (1 + 0.6) / 2
+    assert scores.per_category["yes/no"]["accuracy"] == pytest.approx(60.0)
+    questions = tmp_path / "test2015.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": q, "text": "q"}) + "\n" for q in (2, 3, 1)))
+    info = write_vqav2_submission(read_answers(answers), questions, tmp_path / "sub.json")
+    assert json.loads((tmp_path / "sub.json").read_text()) == [
+        {"question_id": 2, "answer": "yes"}, {"question_id": 3, "answer": ""}, {"question_id": 1, "answer": "2"}]
+    assert info == {"questions": 3, "unanswered": 1}
