@@ -14,18 +14,20 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, UsageError
-from ..files import BadLine, iter_jsonl
+from ..files import BadLine, iter_jsonl, write_text_atomic
 from .answers import Scores
-from .benchmarks import BENCHMARKS, score_answers
+from .benchmarks import BENCHMARKS, JUDGED, score_answers
 from .questions import read_benchmark_questions
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ANSWERS_FILE", "SCORES_FILE", "VQAV2_SUBMISSION", "EvalResult", "answered_keys", "run_eval"]
+__all__ = ["ANSWERS_FILE", "MMVET_RESULTS", "SCORES_FILE", "VQAV2_SUBMISSION", "EvalResult", "answered_keys",
+           "run_eval"]
 
 ANSWERS_FILE = "answers.jsonl"
 SCORES_FILE = "scores.json"
 VQAV2_SUBMISSION = "vqav2_submission.json"  # what EvalAI takes for test-dev
+MMVET_RESULTS = "mm-vet_results.json"  # what MM-Vet's grader takes
 
 
 @dataclass
@@ -73,6 +75,9 @@ def run_eval(path: str | Path | None, benchmark: str, questions: str | Path, out
         raise UsageError(f"unknown benchmark '{benchmark}'; one of {', '.join(BENCHMARKS)}")
     if image_folder is not None and not Path(image_folder).is_dir():
         raise DataError(f"--image-folder: '{image_folder}' is not a folder")
+    if benchmark in JUDGED and annotations is not None and judge is None:
+        raise UsageError(f"{benchmark} is scored by a judge model: give --judge-url and --judge-model (or leave out "
+                         "--annotations to only answer)")
     items = read_benchmark_questions(benchmark, questions, image_folder)
     if limit is not None:
         items = items[:limit]
@@ -93,6 +98,11 @@ def run_eval(path: str | Path | None, benchmark: str, questions: str | Path, out
         from .vqa import write_vqav2_submission
 
         write_vqav2_submission(read_answers(answers_file), questions, out / VQAV2_SUBMISSION)
+    if benchmark == "mm-vet":  # what MM-Vet's official grader reads: {question_id: answer}
+        from .answers import read_answers
+
+        write_text_atomic(out / MMVET_RESULTS, json.dumps({a.question_id: a.text for a in read_answers(answers_file)},
+                                                          indent=1))
     scores = scores_file = None
     if annotations is not None or benchmark == "custom":
         only = {q["question_id"] for q in items} if limit is not None else None

@@ -120,3 +120,30 @@ def test_custom_with_a_judge(tmp_path):
     assert asked.endswith("\nQ1? | A red circle. | A blue one. | ")
     scores = json.loads((tmp_path / "s.json").read_text())
     assert scores["vqa_match"] == 50.0 and scores["judge"] == pytest.approx(60.0)
+
+
+def test_judge_runs_are_averaged(tmp_path):
+    folder, answers = _llava_bench(tmp_path)
+    out = tmp_path / "s.json"
+    # run 1: pairs [8, 4], [8, 8], [8, 6] -> 75.0; run 2: all [8, 8] -> 100.0; published style: the mean, 87.5
+    script = [(200, "8 4"), (200, "8 8"), (200, "8 6")] + [(200, "8 8")] * 3
+    with ScriptedJudge(script) as server:
+        assert cli.main(["eval", "score", "--benchmark", "llava-bench", "--answers", str(answers), "--annotations",
+                         str(folder), "--out", str(out), "--judge-url", server.url, "--judge-model", "j",
+                         "--judge-runs", "2"]) == 0
+        assert len(server.requests) == 6
+    scores = json.loads(out.read_text())
+    assert scores["runs"] == [{"relative": 75.0, "reference": 80.0, "model": 60.0},
+                              {"relative": 100.0, "reference": 80.0, "model": 80.0}]
+    assert scores["relative"] == 87.5
+    assert scores["per_category"]["conv"] == {"relative": 75.0, "runs": [50.0, 100.0]}
+
+
+def test_judged_run_without_a_judge_stops_before_loading(tmp_path):
+    from lora_llava.errors import UsageError
+    from lora_llava.eval.runner import run_eval
+
+    folder, _ = _llava_bench(tmp_path)
+    with pytest.raises(UsageError, match="--judge-url"):
+        run_eval("/nonexistent-model", "llava-bench", folder / "questions.jsonl", tmp_path / "out",
+                 annotations=folder)
