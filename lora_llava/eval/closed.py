@@ -4,6 +4,7 @@ quirks included (specs/evaluation.md)."""
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any
 
 from ..errors import DataError
 from .answers import Answer, Scores, read_json_file, read_jsonl_objects
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["MME_COGNITION", "MME_PERCEPTION", "POPE_CATEGORIES", "mme_label", "pope_label", "read_mme_truth",
            "scienceqa_letter", "score_gqa", "score_mme", "score_pope", "score_scienceqa"]
@@ -159,8 +162,8 @@ def score_pope(answers: list[Answer], annotations: str | Path, categories: dict[
     """POPE per category (accuracy, precision, recall, F1, yes-ratio; yes = positive) and ``f1``, the mean F1 over
     the categories, the published figure. ``annotations`` is the folder of ``coco_pope_{category}.json`` files
     (JSONL with a ``label`` per line); ``categories`` maps each question_id to its category (from the questions
-    file). As in the reference, the k-th answer of a category is scored against the k-th label of its file; the
-    question texts are checked to agree."""
+    file). As in the reference, the k-th answer of a category is scored against the k-th label of its file; answers
+    whose question is not their label's are counted (``questions_not_matching_labels``) and logged."""
     folder = Path(annotations)
     if not folder.is_dir():
         raise DataError(f"POPE annotations: '{folder}' is not a folder (expected the folder of coco_pope_*.json)")
@@ -176,7 +179,7 @@ def score_pope(answers: list[Answer], annotations: str | Path, categories: dict[
     if unknown:
         raise DataError(f"POPE answers of category '{sorted(unknown)[0]}' but '{folder}' has no "
                         f"coco_pope_{sorted(unknown)[0]}.json")
-    per_category, n, failed = {}, 0, 0
+    per_category, n, failed, mismatched = {}, 0, 0, 0
     for file in files:
         category = file.stem[len("coco_pope_"):]
         cat_answers = grouped.get(category)
@@ -190,9 +193,12 @@ def score_pope(answers: list[Answer], annotations: str | Path, categories: dict[
             if "label" not in row:
                 raise DataError(f"{file}, line {line}: no 'label'")
             question = row.get("text")
-            if isinstance(question, str) and a.prompt and not a.prompt.startswith(question.strip()):
-                raise DataError(f"{a.where}: the question {a.prompt.splitlines()[0]!r} is not {file}, line {line}'s "
-                                f"{question!r} (POPE answers are matched to labels in file order)")
+            if isinstance(question, str) and a.prompt and _words(a.prompt)[:len(_words(question))] != _words(question):
+                mismatched += 1
+                if mismatched == 1:
+                    logger.warning("%s: the question %r is not %s, line %d's %r: POPE answers are matched to labels "
+                                   "in file order (as the reference does), so this file is out of order or from "
+                                   "another question file", a.where, a.prompt.splitlines()[0], file, line, question)
             labels.append(row["label"])
         per_category[category] = _pope_metrics([pope_label(a.text) for a in cat_answers], labels)
         per_category[category]["n"] = len(cat_answers)
@@ -201,7 +207,12 @@ def score_pope(answers: list[Answer], annotations: str | Path, categories: dict[
     metrics = {"f1": sum(f1s) / len(f1s)}
     for key in ("accuracy", "precision", "recall", "yes_ratio"):
         metrics[key] = sum(v[key] for v in per_category.values()) / len(per_category)
-    return Scores("pope", metrics, per_category, n=n, failed_to_parse=failed)
+    return Scores("pope", metrics, per_category, n=n, failed_to_parse=failed,
+                  extra={"questions_not_matching_labels": mismatched})
+
+
+def _words(text: str) -> list[str]:
+    return text.lower().split()
 
 
 # ---------------------------------------------------------------- MME

@@ -267,3 +267,18 @@ def test_vqav2_scores_and_submission(tmp_path):
     assert json.loads((tmp_path / "sub.json").read_text()) == [
         {"question_id": 2, "answer": "yes"}, {"question_id": 3, "answer": ""}, {"question_id": 1, "answer": "2"}]
     assert info == {"questions": 3, "unanswered": 1}
+
+
+def test_pope_answers_out_of_label_order_are_reported(tmp_path, caplog):
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    (ann / "coco_pope_random.json").write_text("".join(
+        json.dumps({"question_id": i + 1, "text": f"Is there a q{i}?", "label": "yes"}) + "\n" for i in range(2)))
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "text": f"Is there a q{i}?", "category": "random"})
+                                 + "\n" for i in range(2)))
+    answers = write_answers(tmp_path / "a.jsonl", [(1, "Is there a q1?\nAnswer.", "Yes"),
+                                                   (0, "Is there a q0?\nAnswer.", "No")])
+    scores = score_answers("pope", answers, ann, questions)
+    assert scores.extra["questions_not_matching_labels"] == 2
+    assert "a.jsonl, line 1: the question 'Is there a q1?'" in caplog.text
