@@ -117,3 +117,35 @@ def test_recipe_eval_section_is_checked(make_recipe):
     text = str(e.value)
     assert "eval.annotations: pope needs" in text and "eval.limit: must be at least 1" in text
     assert "eval.questions: '/nope.jsonl' does not exist" in text
+
+
+def test_training_checkpoint_answers_as_the_run_it_became(make_recipe, shapes_data, tmp_path):
+    from lora_llava.config.recipe import recipe_from_dict
+    from lora_llava.train.sft import train
+
+    folder, _, eval_file = shapes_data
+    raw = make_recipe(quant={"bits": 16}, model={"attn_implementation": "sdpa"},
+                      train={"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "learning_rate": 2e-2,
+                             "output_dir": str(tmp_path / "run")})
+    train(recipe_from_dict(raw))
+    kwargs = dict(image_folder=folder, limit=4, max_new_tokens=TOKENS, batch_size=4, progress=False)
+    final = run_eval(tmp_path / "run", "custom", eval_file, tmp_path / "final", **kwargs)
+    last = run_eval(tmp_path / "run" / "checkpoint-4", "custom", eval_file, tmp_path / "ckpt4", **kwargs)
+    run_eval(tmp_path / "run" / "checkpoint-2", "custom", eval_file, tmp_path / "ckpt2", **kwargs)
+    assert [a["text"] for a in _answers(tmp_path / "ckpt4")] == [a["text"] for a in _answers(tmp_path / "final")]
+    assert _answers(tmp_path / "ckpt2")[0]["model_id"] == "checkpoint-2"
+    assert final.scores.n == last.scores.n == 4
+    # checkpoint-2 is loaded with its own projector, not the final one
+    import torch
+
+    from lora_llava.infer.load import load_for_inference
+    from lora_llava.model.projector import projector_state, read_projector
+
+    loaded = load_for_inference(tmp_path / "run" / "checkpoint-2")
+    assert loaded.kind == "run checkpoint"
+    ours = sorted(projector_state(loaded.model).items())
+    saved = sorted(read_projector(tmp_path / "run" / "checkpoint-2" / "projector.safetensors").items())
+    end = sorted(read_projector(tmp_path / "run" / "projector.safetensors").items())
+    assert [k.rsplit(".", 2)[-2:] for k, _ in ours] == [k.rsplit(".", 2)[-2:] for k, _ in saved]
+    assert all(torch.equal(a.float(), b.float()) for (_, a), (_, b) in zip(ours, saved))
+    assert not all(torch.equal(a, b) for (_, a), (_, b) in zip(saved, end))
