@@ -149,3 +149,38 @@ def test_training_checkpoint_answers_as_the_run_it_became(make_recipe, shapes_da
     assert [k.rsplit(".", 2)[-2:] for k, _ in ours] == [k.rsplit(".", 2)[-2:] for k, _ in saved]
     assert all(torch.equal(a.float(), b.float()) for (_, a), (_, b) in zip(ours, saved))
     assert not all(torch.equal(a, b) for (_, a), (_, b) in zip(saved, end))
+
+
+def test_eval_run_on_a_jsonl_benchmark_scores_by_category(run16, shapes_data, tmp_path, capsys):
+    folder, _, eval_file = shapes_data
+    images = [r["image"] for r in json.loads(eval_file.read_text())[:4]]
+    ann = tmp_path / "coco"
+    ann.mkdir()
+    questions, labels = [], {"random": [], "popular": []}
+    for i, image in enumerate(images):
+        cat = ("random", "popular")[i % 2]
+        q = f"Is there a circle number {i} in the image?"
+        labels[cat].append({"question_id": len(labels[cat]) + 1, "image": image, "text": q, "label": "yes"})
+        questions.append({"question_id": 100 + i, "image": image, "category": cat,
+                          "text": q + "\nAnswer the question using a single word or phrase."})
+    for cat, rows in labels.items():
+        (ann / f"coco_pope_{cat}.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    qfile = tmp_path / "llava_pope_test.jsonl"
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    out = tmp_path / "pope"
+    assert cli.main(["eval", "run", str(run16), "--benchmark", "pope", "--questions", str(qfile), "--image-folder",
+                     str(folder), "--annotations", str(ann), "--out", str(out), "--max-new-tokens", "4"]) == 0
+    answers = _answers(out)
+    assert [a["metadata"] for a in answers] == [{"category": q["category"]} for q in questions]
+    assert [a["prompt"] for a in answers] == [q["text"] for q in questions]
+    scores = json.loads((out / "scores.json").read_text())
+    assert set(scores["per_category"]) == {"random", "popular"} and scores["n"] == 4
+    # Every label is "yes": the yes-ratio is the accuracy, per category.
+    for cat, values in scores["per_category"].items():
+        assert values["yes_ratio"] == values["accuracy"]
+    # The answer file scores the same without the question file (categories come from metadata).
+    assert cli.main(["eval", "score", "--benchmark", "pope", "--answers", str(out / "answers.jsonl"),
+                     "--annotations", str(ann), "--out", str(tmp_path / "again.json")]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["per_category"] == scores["per_category"]
+    assert "pope: 4 answers scored" in capsys.readouterr().out
