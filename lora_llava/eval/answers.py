@@ -11,7 +11,7 @@ from typing import Any
 from ..errors import DataError
 from ..files import iter_jsonl, read_json, write_text_atomic
 
-__all__ = ["Answer", "Scores", "read_answers", "read_json_file", "read_jsonl_objects"]
+__all__ = ["Answer", "Scores", "read_answers", "read_json_file", "read_jsonl_objects", "read_llava_records"]
 
 
 @dataclass
@@ -45,6 +45,13 @@ def read_json_file(path: str | Path, expect: type, what: str) -> Any:
     if not path.is_file():
         raise DataError(f"{what} '{path}' does not exist" if not path.exists() else f"{what} '{path}' is not a file")
     return read_json(path, expect, what)
+
+
+def read_llava_records(path: str | Path) -> list[Any]:
+    """The records of a LLaVA data file: a JSON list, or JSONL (one record a line) for a ``.jsonl`` file."""
+    if Path(path).suffix == ".jsonl":
+        return [row for _, row in read_jsonl_objects(path, "LLaVA data file")]
+    return read_json_file(path, list, "a JSON list of LLaVA records (id, image, conversations)")
 
 
 def read_answers(path: str | Path) -> list[Answer]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from .answers import Answer, Scores, read_json_file
+from .answers import Answer, Scores, read_llava_records
 from .normalize import normalize_answer
 
 __all__ = ["judge_custom", "read_custom_truth", "score_custom"]
@@ -17,7 +17,7 @@ __all__ = ["judge_custom", "read_custom_truth", "score_custom"]
 
 def read_custom_truth(path: str | Path) -> dict[Any, tuple[str, Any]]:
     """``id -> (first answer, category)`` of a LLaVA JSON file (records without an ``id`` are numbered from 0)."""
-    records = read_json_file(path, list, "a JSON list of LLaVA records (id, image, conversations)")
+    records = read_llava_records(path)
     truth = {}
     for i, r in enumerate(records):
         convs = r.get("conversations") if isinstance(r, dict) else None
@@ -55,7 +55,7 @@ def judge_custom(scores: Scores, answers: list[Answer], annotations: str | Path,
     MM-Vet is graded (the question is the record's first human turn)."""
     from .judge import judge_correctness
 
-    records = read_json_file(annotations, list, "a JSON list of LLaVA records")
+    records = read_llava_records(annotations)
     asked = {r.get("id", i): str(r["conversations"][0].get("value", "")).replace("<image>", "").strip()
              for i, r in enumerate(records)}
     truth = read_custom_truth(annotations)

@@ -10,7 +10,7 @@ from typing import Any
 from ..data import resolve_image_path
 from ..errors import DataError, ImageError
 from ..infer.questions import read_questions
-from .answers import read_json_file, read_jsonl_objects
+from .answers import read_jsonl_objects, read_llava_records
 
 __all__ = ["SCIENCEQA_SUFFIX", "Question", "read_benchmark_questions"]
 
@@ -35,7 +35,7 @@ def _check_image(where: str, image_folder, image: Any) -> None:
 
 def _conversation_questions(path: Path, image_folder, benchmark: str) -> list[Question]:
     """ScienceQA's and custom's LLaVA JSON: the first human turn is the question, the first answer the truth."""
-    records = read_json_file(path, list, "a JSON list of LLaVA records (id, image, conversations)")
+    records = read_llava_records(path)
     out = []
     for i, r in enumerate(records):
         where = f"{path}, record {i}"

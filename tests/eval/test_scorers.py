@@ -220,6 +220,9 @@ def test_custom_scores(tmp_path):
     answers = write_answers(tmp_path / "a.jsonl", [("a", "Q", "red circle"), ("b", "Q", "Two")])
     scores = score_answers("custom", answers, held)
     assert scores.metrics == {"vqa_match": 100.0, "exact_match": 50.0}
+    jsonl = tmp_path / "eval.jsonl"   # the same records, one a line
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in json.loads(held.read_text())))
+    assert score_answers("custom", answers, jsonl).metrics == scores.metrics
 
 
 def test_bad_answer_files_name_file_and_line(tmp_path):
