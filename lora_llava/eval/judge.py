@@ -228,9 +228,13 @@ def _score_llava_bench(answers: list[Answer], folder: Path, questions: str | Pat
     mean = {k: round(sum(r[k]["relative"] for r in runs) / len(runs), 1) for k in runs[0]}
     per_category = {k.removeprefix("llava_bench_"): {"relative": v, **({"runs": [r[k]["relative"] for r in runs]})}
                     for k, v in mean.items() if k != "all"}
-    failed = sum(1 for r in reviews if r["tuple"] == [-1, -1])
+    failed = sum(1 for r in reviews if r["tuple"] == [-1, -1] and r["run"] == 0)
     if cache is not None:
-        write_text_atomic(cache.parent / "reviews.jsonl", "".join(json.dumps(r) + "\n" for r in reviews))
+        # One file per judge run, in the reference's review format: its summarize_gpt_review.py reads them.
+        for run in range(judge.runs):
+            write_text_atomic(cache.parent / f"reviews_{run + 1}.jsonl",
+                              "".join(json.dumps({k: v for k, v in r.items() if k != "run"}) + "\n"
+                                      for r in reviews if r["run"] == run))
     return Scores("llava-bench", {"relative": mean["all"]}, per_category, n=len(answers), failed_to_parse=failed,
                   extra={"runs": [r["all"] for r in runs], "judge_model": judge.model})
 

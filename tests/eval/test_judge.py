@@ -133,6 +133,9 @@ def test_judge_runs_are_averaged(tmp_path):
                          "--judge-runs", "2"]) == 0
         assert len(server.requests) == 6
     scores = json.loads(out.read_text())
+    reviews = [[json.loads(x)["tuple"] for x in (out.parent / f"reviews_{r}.jsonl").read_text().splitlines()]
+               for r in (1, 2)]
+    assert reviews == [[[8.0, 4.0], [8.0, 8.0], [8.0, 6.0]], [[8.0, 8.0]] * 3]
     assert scores["runs"] == [{"relative": 75.0, "reference": 80.0, "model": 60.0},
                               {"relative": 100.0, "reference": 80.0, "model": 80.0}]
     assert scores["relative"] == 87.5
