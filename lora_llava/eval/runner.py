@@ -46,8 +46,9 @@ def _key(question_id: Any, prompt: str) -> str:
     return json.dumps([question_id, prompt])
 
 
-def answered_keys(path: Path) -> set[str]:
-    """Keys of the questions ``path`` already answers. A last line cut short by an interrupted run is removed."""
+def answered_keys(path: Path, model_id: str | None = None) -> set[str]:
+    """Keys of the questions ``path`` already answers. A last line cut short by an interrupted run is removed.
+    Answers of another ``model_id`` are refused: resuming would mix two models in one file."""
     if not path.is_file():
         return set()
     rows = list(iter_jsonl(path, strict=False))
@@ -59,6 +60,12 @@ def answered_keys(path: Path) -> set[str]:
         rows = rows[:-1]
     elif bad:
         raise DataError(f"{path}, line {bad[0][0]}: not an answer line; move the file away to start over")
+    if model_id is not None:
+        other = next(((n, r) for n, r in rows if r.get("model_id", model_id) != model_id), None)
+        if other is not None:
+            raise UsageError(f"{path}, line {other[0]}: an answer of model_id '{other[1].get('model_id')}', not "
+                             f"'{model_id}'; resuming would mix two models in one file (use another --out, or "
+                             "--model-id to continue that model's answers)")
     return {_key(r["question_id"], r.get("prompt", "")) for _, r in rows}
 
 
@@ -84,7 +91,8 @@ def run_eval(path: str | Path | None, benchmark: str, questions: str | Path, out
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     answers_file = out / ANSWERS_FILE
-    done = answered_keys(answers_file)
+    model_id = model_id or Path(path or (loaded.path if loaded is not None else None) or "model").resolve().name
+    done = answered_keys(answers_file, model_id)
     todo = [q for q in items if _key(q["question_id"], q["prompt"]) not in done]
     skipped = len(items) - len(todo)
     if skipped:
@@ -126,7 +134,6 @@ def _answer_all(path, loaded, todo, answers_file: Path, image_folder, batch_size
         q = next(q for q in todo if q["image"] is None)
         raise DataError(f"question {q['question_id']!r} has no image, but the plain template (a stage-1 run) only "
                         "captions images")
-    model_id = model_id or Path(path or loaded.path or "model").resolve().name
     start = time.monotonic()
     with answers_file.open("a", encoding="utf-8") as f, tqdm(total=len(todo), desc="answering", unit="q",
                                                               dynamic_ncols=True, disable=not progress) as bar:

@@ -9,7 +9,7 @@ import re
 import pytest
 
 from lora_llava.cli import main as cli
-from lora_llava.errors import DataError
+from lora_llava.errors import DataError, UsageError
 from lora_llava.eval.runner import run_eval
 
 LIMIT = 6
@@ -77,8 +77,12 @@ def test_interrupted_run_resumes(run16, shapes_data, tmp_path):
     resumed = _answers(out)
     assert [a["question_id"] for a in resumed] == [json.loads(x)["question_id"] for x in full]
     assert [a["text"] for a in resumed] == [json.loads(x)["text"] for x in full]
-    done = run_eval("/nonexistent-model", "custom", eval_file, out, **kwargs)  # nothing left: no model is loaded
+    # Nothing left to answer: no model is loaded (the path does not even exist).
+    done = run_eval("/nonexistent-model", "custom", eval_file, out, model_id=run16.name, **kwargs)
     assert done.written == 0 and done.scores.n == LIMIT
+    # Another model's answers are not resumed into.
+    with pytest.raises(UsageError, match=r"answers\.jsonl, line 1: an answer of model_id .*mix two models"):
+        run_eval("/other-model", "custom", eval_file, out, **kwargs)
 
 
 def test_bad_question_files_name_the_line(shapes_data, tmp_path):
