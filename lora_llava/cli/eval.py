@@ -43,6 +43,10 @@ def _run(args) -> int:
           + (f" ({result.skipped} already there)" if result.skipped else ""))
     if result.scores is not None:
         print(result.scores.table())
+        if args.benchmark == "custom":
+            from ..eval.custom import accuracy_line
+
+            print(accuracy_line(result.scores))
         print(f"scores: {result.scores_file}")
     return 0
 

@@ -29,13 +29,11 @@ def eval_after_training(recipe, run_dir: str | Path, model, processor) -> dict[s
     lines = [scores.table()]
     if e.benchmark == "custom":
         from .answers import read_answers
-        from .custom import read_custom_truth
+        from .custom import accuracy_line, read_custom_truth
 
         truth = read_custom_truth(questions)
         for a in read_answers(result.answers_file)[:3]:
             lines.append(f"  {a.question_id}: expected {truth[a.question_id][0]!r}, answered {a.text!r}")
-        correct = scores.extra["correct"]
-        lines.append(f"held-out accuracy: {correct / scores.n:.3f} ({correct}/{scores.n}, the answer equals the "
-                     f"record's after VQA normalisation; lora-llava eval, benchmark custom)")
+        lines.append(accuracy_line(scores))
     lines.append(f"eval: {result.answers_file}, {result.scores_file}")
     return {"benchmark": e.benchmark, "scores": scores.to_dict(), "summary": "\n".join(lines)}

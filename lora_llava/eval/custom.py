@@ -12,7 +12,7 @@ from ..errors import DataError
 from .answers import Answer, Scores, read_llava_records
 from .normalize import normalize_answer
 
-__all__ = ["judge_custom", "read_custom_truth", "score_custom"]
+__all__ = ["accuracy_line", "judge_custom", "read_custom_truth", "score_custom"]
 
 
 def read_custom_truth(path: str | Path) -> dict[Any, tuple[str, Any]]:
@@ -66,3 +66,10 @@ def judge_custom(scores: Scores, answers: list[Answer], annotations: str | Path,
     runs, _, _, failed = judge_correctness(items, judge, cache)
     scores.metrics["judge"] = sum(runs) / len(runs)
     scores.extra.update({"judge_runs": runs, "judge_model": judge.model, "judge_failed_to_parse": failed})
+
+
+def accuracy_line(scores: Scores) -> str:
+    """The one-line held-out accuracy of a ``custom`` score (what ``sft`` and ``eval run`` print)."""
+    correct = scores.extra["correct"]
+    return (f"held-out accuracy: {correct / scores.n:.3f} ({correct}/{scores.n}, the answer equals the record's after "
+            "VQA normalisation; lora-llava eval, benchmark custom)")

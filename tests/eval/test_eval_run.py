@@ -61,6 +61,7 @@ def test_run_folder_and_export_answer_alike_batched_or_not(run16, export16, shap
     assert scores["benchmark"] == "custom" and scores["n"] == LIMIT
     assert scores["exact_match"] == pytest.approx(100 * sum(expected) / LIMIT)
     assert "vqa_match" in printed and f"{LIMIT} answers written" in printed
+    assert f"held-out accuracy: {scores['correct'] / LIMIT:.3f} ({scores['correct']}/{LIMIT}" in printed
 
 
 def test_interrupted_run_resumes(run16, shapes_data, tmp_path):
@@ -94,21 +95,29 @@ def test_bad_question_files_name_the_line(shapes_data, tmp_path):
         run_eval("/nonexistent-model", "pope", q, tmp_path / "out", image_folder=folder)
 
 
-def test_recipe_eval_section_runs_after_training_and_report_lists_it(make_recipe, shapes_data, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def evaluated_run(make_recipe, shapes_data, tmp_path_factory):
+    """A tiny 16-bit run with an ``eval:`` section and checkpoints at steps 2 and 4: (TrainResult, run folder)."""
     from lora_llava.config.recipe import recipe_from_dict
     from lora_llava.train.sft import train
 
-    folder, _, eval_file = shapes_data
+    _, _, eval_file = shapes_data
+    run = tmp_path_factory.mktemp("evaluated") / "run"
     raw = make_recipe(quant={"bits": 16}, model={"attn_implementation": "sdpa"}, data={"eval": str(eval_file)},
-                      train={"max_steps": 2, "output_dir": str(tmp_path / "run")},
+                      train={"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "learning_rate": 2e-2,
+                             "output_dir": str(run)},
                       eval={"benchmark": "custom", "limit": 4, "max_new_tokens": 6, "batch_size": 2})
-    result = train(recipe_from_dict(raw))
-    scores_file = tmp_path / "run" / "eval" / "custom" / "scores.json"
+    return train(recipe_from_dict(raw)), run
+
+
+def test_recipe_eval_section_runs_after_training_and_report_lists_it(evaluated_run, capsys):
+    result, run = evaluated_run
+    scores_file = run / "eval" / "custom" / "scores.json"
     scores = json.loads(scores_file.read_text())
     assert scores["n"] == 4 and result.metrics["scores"] == scores
     assert "held-out accuracy:" in result.metrics["summary"]
     assert len(_answers(scores_file.parent)) == 4
-    assert cli.main(["report", str(tmp_path / "run")]) == 0
+    assert cli.main(["report", str(run)]) == 0
     assert re.search(rf"eval custom +vqa_match {scores['vqa_match']:.2f}, exact_match", capsys.readouterr().out)
 
 
@@ -123,19 +132,13 @@ def test_recipe_eval_section_is_checked(make_recipe):
     assert "eval.questions: '/nope.jsonl' does not exist" in text
 
 
-def test_training_checkpoint_answers_as_the_run_it_became(make_recipe, shapes_data, tmp_path):
-    from lora_llava.config.recipe import recipe_from_dict
-    from lora_llava.train.sft import train
-
+def test_training_checkpoint_answers_as_the_run_it_became(evaluated_run, shapes_data, tmp_path):
     folder, _, eval_file = shapes_data
-    raw = make_recipe(quant={"bits": 16}, model={"attn_implementation": "sdpa"},
-                      train={"max_steps": 4, "save_strategy": "steps", "save_steps": 2, "learning_rate": 2e-2,
-                             "output_dir": str(tmp_path / "run")})
-    train(recipe_from_dict(raw))
+    run = evaluated_run[1]
     kwargs = dict(image_folder=folder, limit=4, max_new_tokens=TOKENS, batch_size=4, progress=False)
-    final = run_eval(tmp_path / "run", "custom", eval_file, tmp_path / "final", **kwargs)
-    last = run_eval(tmp_path / "run" / "checkpoint-4", "custom", eval_file, tmp_path / "ckpt4", **kwargs)
-    run_eval(tmp_path / "run" / "checkpoint-2", "custom", eval_file, tmp_path / "ckpt2", **kwargs)
+    final = run_eval(run, "custom", eval_file, tmp_path / "final", **kwargs)
+    last = run_eval(run / "checkpoint-4", "custom", eval_file, tmp_path / "ckpt4", **kwargs)
+    run_eval(run / "checkpoint-2", "custom", eval_file, tmp_path / "ckpt2", **kwargs)
     assert [a["text"] for a in _answers(tmp_path / "ckpt4")] == [a["text"] for a in _answers(tmp_path / "final")]
     assert _answers(tmp_path / "ckpt2")[0]["model_id"] == "checkpoint-2"
     assert final.scores.n == last.scores.n == 4
@@ -145,11 +148,11 @@ def test_training_checkpoint_answers_as_the_run_it_became(make_recipe, shapes_da
     from lora_llava.infer.load import load_for_inference
     from lora_llava.model.projector import projector_state, read_projector
 
-    loaded = load_for_inference(tmp_path / "run" / "checkpoint-2")
+    loaded = load_for_inference(run / "checkpoint-2")
     assert loaded.kind == "run checkpoint"
     ours = sorted(projector_state(loaded.model).items())
-    saved = sorted(read_projector(tmp_path / "run" / "checkpoint-2" / "projector.safetensors").items())
-    end = sorted(read_projector(tmp_path / "run" / "projector.safetensors").items())
+    saved = sorted(read_projector(run / "checkpoint-2" / "projector.safetensors").items())
+    end = sorted(read_projector(run / "projector.safetensors").items())
     assert [k.rsplit(".", 2)[-2:] for k, _ in ours] == [k.rsplit(".", 2)[-2:] for k, _ in saved]
     assert all(torch.equal(a.float(), b.float()) for (_, a), (_, b) in zip(ours, saved))
     assert not all(torch.equal(a, b) for (_, a), (_, b) in zip(saved, end))
