@@ -30,6 +30,9 @@ _API = {
     "load_for_inference": "infer.load",
     "generate_answers": "infer.generate",
     "chat": "infer.chat",
+    "run_eval": "eval.runner",
+    "score_answers": "eval.benchmarks",
+    "normalize_answer": "eval.normalize",
     "ChatSession": "infer.chat",
     "LoraLlavaError": "errors",
     "RecipeError": "errors",
@@ -38,6 +41,7 @@ _API = {
     "ModelError": "errors",
     "MergeError": "errors",
     "InferenceError": "errors",
+    "JudgeError": "errors",
 }
 
 __all__ = ["__version__", *_API]

@@ -10,17 +10,16 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .files import atomic_dir, read_json, write_text_atomic
+from .files import atomic_dir, write_text_atomic
 from .llava.tokenizer import add_llava_tokens, image_token_id, vicuna_tokenizer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["COLOURS", "SHAPES", "evaluate_demo", "make_demo_model", "make_shapes_data", "prepare_demo"]
+__all__ = ["COLOURS", "SHAPES", "make_demo_model", "make_shapes_data", "prepare_demo"]
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 205, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -131,37 +130,3 @@ def prepare_demo(recipe) -> None:
         logger.info("demo: writing %d + %d coloured-shape samples to %s", demo.train_samples, demo.eval_samples,
                     train_file.parent)
         make_shapes_data(train_file.parent, demo.train_samples, demo.eval_samples, demo.image_size, demo.seed)
-
-
-def _parse(answer: str) -> tuple[str | None, str | None]:
-    words = re.findall(r"[a-z]+", answer.lower())
-    colours = [w for w in words if w in COLOURS]
-    shapes = [w for w in words if w in SHAPES]
-    return (colours[0] if len(set(colours)) == 1 else None), (shapes[0] if len(set(shapes)) == 1 else None)
-
-
-def evaluate_demo(model, processor, recipe) -> dict:
-    """Greedy answers on the demo's held-out split (``data.eval``); accuracy = colour and shape both right (and no
-    other named). ``train()`` runs this at the end of a demo run (a recipe with a ``demo`` section); ``summary`` is
-    what ``lora-llava sft`` prints."""
-    from .infer.generate import generate_answers
-
-    records = read_json(recipe.data.eval[0], list, "a JSON list of records")
-    prompts = [[("human", r["conversations"][0]["value"])] for r in records]
-    answers = generate_answers(model, processor, prompts, [[r["image"]] for r in records], recipe.data.image_folder,
-                               template=recipe.template, image_aspect_ratio=recipe.data.image_aspect_ratio,
-                               max_new_tokens=8)
-    correct = 0
-    examples = []
-    for r, a in zip(records, answers):
-        truth = _parse(r["conversations"][1]["value"])
-        ok = _parse(a) == truth
-        correct += ok
-        if len(examples) < 5:
-            examples.append({"id": r["id"], "expected": r["conversations"][1]["value"], "answer": a, "correct": ok})
-    accuracy = correct / len(records)
-    lines = [f"  {ex['id']}: expected {ex['expected']!r}, answered {ex['answer']!r}" for ex in examples[:3]]
-    lines.append(f"held-out accuracy: {accuracy:.3f} ({correct}/{len(records)}, colour and shape both right; chance "
-                 "is 1/12)")
-    return {"accuracy": accuracy, "correct": correct, "total": len(records), "examples": examples,
-            "summary": "\n".join(lines)}

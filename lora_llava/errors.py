@@ -8,7 +8,7 @@ catches bad input as ``ValueError`` keeps working.
 
 from __future__ import annotations
 
-__all__ = ["DataError", "ImageError", "InferenceError", "LaunchError", "LoraLlavaError",
+__all__ = ["DataError", "ImageError", "InferenceError", "JudgeError", "LaunchError", "LoraLlavaError",
            "MergeError", "ModelError", "PlanError", "RecipeError", "ReportError", "UsageError"]
 
 
@@ -66,6 +66,11 @@ class MergeError(ModelError):
 
 class InferenceError(ModelError):
     """A model folder that cannot be loaded for inference, or a conversation that cannot be asked; names the path."""
+
+
+class JudgeError(LoraLlavaError):
+    """A judge endpoint that cannot be used (unreachable after retries, a refused key); names the URL, never the
+    key."""
 
 
 class ReportError(LoraLlavaError):

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from .. import __version__
 from ..errors import LoraLlavaError
 from .data import cmd_data, data_args
+from .eval import cmd_eval, eval_args
 from .infer import chat_args, cmd_chat, cmd_generate, generate_args
 from .run import cmd_merge, cmd_report, merge_args, report_args
 from .serve import cmd_serve, serve_args
@@ -45,6 +46,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[ar
                report_args),
     "chat": (cmd_chat, "chat about an image with a run or checkpoint, answers streamed", chat_args),
     "generate": (cmd_generate, "answer a LLaVA eval question file in batches (greedy)", generate_args),
+    "eval": (cmd_eval, "benchmarks: 'eval run' answers and scores, 'eval score' scores an answer file, 'eval compare'",
+             eval_args),
     "serve": (cmd_serve, "serve a run or export: OpenAI-compatible API and a chat page", serve_args),
     "merge": (cmd_merge, "merge a run's LoRA adapter and projector into a model transformers / vLLM load", merge_args),
     "validate": (cmd_validate, "check a recipe and print it resolved; loads no weights", validate_args),

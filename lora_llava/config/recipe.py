@@ -1,8 +1,8 @@
 """Typed recipes: one YAML file is one runnable experiment.
 
-A recipe has the sections ``model``, ``quant``, ``lora``, ``data``, ``train`` (and ``demo`` for the offline demo).
-``train`` maps onto :class:`trl.SFTConfig`, ``lora`` onto :class:`peft.LoraConfig` and ``quant`` onto
-:class:`transformers.BitsAndBytesConfig`: those sections are derived from the upstream classes
+A recipe has the sections ``model``, ``quant``, ``lora``, ``data``, ``train`` (``demo`` for the offline demo, ``eval``
+to evaluate after training). ``train`` maps onto :class:`trl.SFTConfig`, ``lora`` onto :class:`peft.LoraConfig` and
+``quant`` onto :class:`transformers.BitsAndBytesConfig`: those sections are derived from the upstream classes
 (:mod:`lora_llava.config.sections`), so every upstream field is accepted with its upstream type.
 
 Every problem of a recipe (unknown key, wrong type, inconsistent values) is collected and raised together as one
@@ -31,6 +31,7 @@ from .sections import (
     SECTIONS,
     DataSection,
     DemoSection,
+    EvalSection,
     ModelSection,
 )
 from .types import type_name, type_ok
@@ -79,6 +80,7 @@ class Recipe:
     data: DataSection
     train: Any
     demo: DemoSection | None = None
+    eval: EvalSection | None = None
     source: str | None = None
 
     @property
@@ -208,6 +210,7 @@ def _cross_checks(r: Recipe, check_files: bool = True) -> list[str]:
         p.append(f"train.trainable_dtype: bfloat16 needs model.dtype bfloat16 (or auto on a bf16 GPU), got "
                  f"'{r.model.dtype}'")
     p += _report_to_problems(r.train.report_to)
+    p += _eval_problems(r, check_files)
     # Both choose the training sampler; transformers 5 spells its group_by_length as a train_sampling_strategy.
     if r.train.group_by_modality_length and r.train.train_sampling_strategy != "random":
         p.append(f"train.group_by_modality_length and train.train_sampling_strategy: both choose the training "
@@ -230,6 +233,27 @@ def _cross_checks(r: Recipe, check_files: bool = True) -> list[str]:
         if r.data.image_folder is not None and not Path(r.data.image_folder).is_dir():
             why = "not downloaded yet (see data.train)" if published else "is not a folder"
             p.append(f"data.image_folder: '{r.data.image_folder}' {why}")
+    return p
+
+
+def _eval_problems(r: Recipe, check_files: bool) -> list[str]:
+    e, p = r.eval, []
+    if e is None:
+        return p
+    if e.questions is None and not (e.benchmark == "custom" and r.data.eval):
+        p.append(f"eval.questions: {e.benchmark} needs its question file"
+                 + (" (custom takes data.eval's first file when this is unset)" if e.benchmark == "custom" else ""))
+    if e.benchmark != "custom" and e.annotations is None:
+        p.append(f"eval.annotations: {e.benchmark} needs its ground truth to score against (see README, Evaluation)")
+    for key, value, low in (("limit", e.limit, 1), ("batch_size", e.batch_size, 1),
+                            ("max_new_tokens", e.max_new_tokens, 1)):
+        if value is not None and value < low:
+            p.append(f"eval.{key}: must be at least {low}, got {value}")
+    if check_files and r.demo is None:
+        for key in ("questions", "annotations", "image_folder"):
+            path = getattr(e, key)
+            if path is not None and not Path(path).exists():
+                p.append(f"eval.{key}: '{path}' does not exist")
     return p
 
 

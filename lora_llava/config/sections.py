@@ -20,8 +20,8 @@ from typing import Any, Literal
 from ..llava.constants import LORA_TARGETS
 from .types import type_name, type_ok
 
-__all__ = ["LIST_FIELDS", "OPTIONAL_SECTIONS", "SECTIONS", "DataSection", "DemoSection", "LoraSection", "ModelSection",
-           "QuantSection", "TrainSection", "schema_cache_file", "section_keys", "upstream_fields"]
+__all__ = ["LIST_FIELDS", "OPTIONAL_SECTIONS", "SECTIONS", "DataSection", "DemoSection", "EvalSection", "LoraSection",
+           "ModelSection", "QuantSection", "TrainSection", "schema_cache_file", "section_keys", "upstream_fields"]
 
 # --------------------------------------------------------------------------------------------------------------------
 # Hand-written sections: what is LLaVA-specific.
@@ -86,6 +86,25 @@ class DemoSection:
     eval_samples: int = 120
     image_size: int = 48
     seed: int = 0
+
+
+@dataclasses.dataclass
+class EvalSection:
+    """Evaluate after training: ``lora-llava eval run`` on the trained model, written to ``RUN/eval/<benchmark>/``."""
+
+    benchmark: Literal["vqav2", "textvqa", "gqa", "scienceqa", "pope", "mme", "custom"] = "custom"
+    """The benchmark (the judge-scored ones need an endpoint: run ``lora-llava eval run`` for them)."""
+    questions: str | None = None
+    """The benchmark's question file; ``custom``: a held-out LLaVA JSON, by default ``data.eval``'s first file."""
+    annotations: str | None = None
+    """Ground truth to score against (see README per benchmark); ``custom`` scores against its questions file."""
+    image_folder: str | None = None
+    """Folder the questions' images are under; unset = ``data.image_folder``."""
+    limit: int | None = None
+    """Answer only the first N questions."""
+    batch_size: int = 8
+    max_new_tokens: int = 128
+    """Longest answer in tokens (LLaVA's eval: 128)."""
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -381,8 +400,9 @@ SECTIONS: dict[str, type] = {
     "data": DataSection,
     "train": TrainSection,
     "demo": DemoSection,
+    "eval": EvalSection,
 }
-OPTIONAL_SECTIONS = {"demo"}
+OPTIONAL_SECTIONS = {"demo", "eval"}
 LIST_FIELDS = {("data", "train"), ("data", "eval")}
 
 

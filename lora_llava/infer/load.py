@@ -65,6 +65,8 @@ def load_for_inference(path: str | Path, device: str | torch.device | None = Non
     * a lora-llava run folder (``recipe.yaml``): the base model is rebuilt as training built it (the recipe's
       ``model`` and ``quant`` sections, 4-bit included), the trained ``projector.safetensors`` is put in, the LoRA
       ``adapter/`` attached for a stage-2 run; the run's ``processor/`` and the recipe's template are used;
+    * a training checkpoint of a run folder (``RUN/checkpoint-N``): the same, with the checkpoint's adapter and
+      projector;
     * a llava-hf checkpoint folder (``config.json`` with ``model_type: llava``), e.g. a ``lora-llava merge`` export;
     * an original LLaVA checkpoint folder (``model_type: llava_llama``), converted on load.
 
@@ -86,6 +88,11 @@ def load_for_inference(path: str | Path, device: str | torch.device | None = Non
     dev = _target_device(device)
     if RunFolder(root).is_run():
         loaded = _load_run(root, bits, dtype, dev)
+    elif RunFolder(root.parent).is_run() and RunFolder(root).projector_file.is_file():
+        # A training checkpoint (RUN/checkpoint-N): the run's recipe with this checkpoint's adapter and projector.
+        if not RunFolder.is_complete(root):
+            raise InferenceError(f"checkpoint '{path}' is incomplete (saving was interrupted); use another one")
+        loaded = _load_run(root.parent, bits, dtype, dev, checkpoint=root)
     elif (root / "config.json").is_file():
         loaded = _load_checkpoint(root, bits, dtype, dev)
     else:
@@ -120,7 +127,8 @@ def _device_map(dev: torch.device | None) -> dict[str, Any] | None:
     return {"": dev.index if dev.type == "cuda" else str(dev)}
 
 
-def _load_run(root: Path, bits: int | None, dtype: str | None, dev: torch.device | None) -> LoadedModel:
+def _load_run(root: Path, bits: int | None, dtype: str | None, dev: torch.device | None,
+              checkpoint: Path | None = None) -> LoadedModel:
     from peft import PeftModel
     from transformers import AutoProcessor
 
@@ -134,12 +142,14 @@ def _load_run(root: Path, bits: int | None, dtype: str | None, dev: torch.device
         recipe = run.read_recipe(overrides)
     except RecipeError as e:
         raise InferenceError(f"{where}: {e}") from None
-    adapter = run.adapter_dir
+    adapter = run.adapter_dir if checkpoint is None else checkpoint
+    if checkpoint is not None:
+        where = f"checkpoint '{checkpoint}' of {where}"
     if recipe.train.stage == 2 and not RunFolder.adapter_files(adapter)[1].is_file():
         raise InferenceError(f"{where}: a stage-2 run (train.stage: 2 in {run.recipe_file.name}) but there is no LoRA "
                              f"adapter '{adapter}' (adapter_config.json); the run did not finish, or the adapter was "
                              "moved")
-    projector = run.projector_file
+    projector = run.projector_file if checkpoint is None else RunFolder(checkpoint).projector_file
     if not projector.is_file():
         raise InferenceError(f"{where}: no trained projector '{projector}'; the run did not finish")
     try:
@@ -158,7 +168,7 @@ def _load_run(root: Path, bits: int | None, dtype: str | None, dev: torch.device
     else:
         logger.warning("%s has no processor/; using the base model's tokenizer and image processor", where)
     return LoadedModel(model, processor, recipe.template, image_aspect_ratio=recipe.data.image_aspect_ratio,
-                       kind="run", path=root)
+                       kind="run" if checkpoint is None else "run checkpoint", path=checkpoint or root)
 
 
 def _relative_paths_hint(recipe) -> str:

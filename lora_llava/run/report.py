@@ -9,7 +9,7 @@ from ..errors import DataError, ReportError
 from ..files import read_json
 from .folder import RunFolder
 
-__all__ = ["format_report", "run_report", "write_plot"]
+__all__ = ["eval_scores", "format_report", "run_report", "write_plot"]
 
 
 def _state(run: RunFolder) -> tuple[Path, dict[str, Any]]:
@@ -24,7 +24,8 @@ def _state(run: RunFolder) -> tuple[Path, dict[str, Any]]:
 
 
 def run_report(run_dir: str | Path) -> dict[str, Any]:
-    """Figures of a run folder: steps, epochs, final / min loss, tokens, throughput, peak memory, wall time."""
+    """Figures of a run folder: steps, epochs, final / min loss, tokens, throughput, peak memory, wall time, and the
+    headline scores of every ``eval/*/scores.json``."""
     run = RunFolder(run_dir)
     if not run.path.is_dir():
         raise ReportError(f"run folder '{run_dir}' does not exist")
@@ -56,7 +57,24 @@ def run_report(run_dir: str | Path) -> dict[str, Any]:
         if "peak_gpu_memory_bytes" in info else "not recorded (no GPU)",
         "samples kept": f"{data['kept']} / {data['records']}" if data else None,
     }
+    report.update(eval_scores(run))
     return {k: v for k, v in report.items() if v is not None}
+
+
+def eval_scores(run: RunFolder) -> dict[str, str]:
+    """``{"eval <name>": "metric value (n answers)"}`` for every ``eval/*/scores.json`` of a run folder."""
+    out = {}
+    for path in sorted(run.path.glob("eval/*/scores.json")):
+        try:
+            scores = read_json(path, dict, "a scores.json object")
+        except DataError as e:
+            out[f"eval {path.parent.name}"] = f"unreadable ({e})"
+            continue
+        metrics = [(k, v) for k, v in scores.items() if k != "benchmark" and isinstance(v, (int, float))
+                   and not isinstance(v, bool) and k not in ("n", "failed_to_parse")]
+        shown = ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics[:3])
+        out[f"eval {path.parent.name}"] = f"{shown} ({scores.get('n', '?')} answers; {path.relative_to(run.path)})"
+    return out
 
 
 def _duration(seconds: float) -> str:

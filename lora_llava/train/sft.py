@@ -41,8 +41,7 @@ class TrainResult:
     main_process: bool = True
     """False in the processes of rank > 0 of a multi-process run (they write and print nothing)."""
     metrics: dict[str, Any] | None = None
-    """Held-out figures the run computed at the end (a demo recipe's accuracy; ``summary`` is their text), None
-    otherwise."""
+    """Scores of the recipe's ``eval`` section computed at the end (``summary`` is their text), None without one."""
 
 
 def sft_config(recipe, model_dtype: torch.dtype):
@@ -203,8 +202,8 @@ def train(recipe, train_records: Iterable[dict] | None = None, eval_records: Ite
         save_run(out, recipe, trainer.model, processor, trainer, train_ds.report)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     result = TrainResult(out, trainer.model, processor, losses, summary, main)
-    if main and recipe.demo is not None and recipe.data.eval:
-        from ..demo import evaluate_demo
+    if main and recipe.eval is not None:
+        from ..eval.after_training import eval_after_training
 
-        result.metrics = evaluate_demo(trainer.model, processor, recipe)
+        result.metrics = eval_after_training(recipe, out, trainer.model, processor)
     return result
