@@ -89,11 +89,15 @@ class Engine:
         turns = with_image_tag(request.turns, request.image is not None)
         ids = encode_prompt(turns, self.tokenizer, self.template, config_image_token_id(self.model.config),
                             config_image_tokens(self.model.config))
-        if self.context is not None and len(ids) + request.max_tokens > self.context:
+        max_tokens = request.max_tokens
+        if self.context is not None and not request.max_tokens_given:
+            max_tokens = min(max_tokens, self.context - len(ids))  # what the context leaves
+        if self.context is not None and (max_tokens < 1 or len(ids) + max_tokens > self.context):
             raise RequestError(f"the prompt is {len(ids)} tokens and max_tokens {request.max_tokens}; the model's "
-                               f"context is {self.context} tokens", "messages")
+                               f"context is {self.context} tokens", "max_tokens" if request.max_tokens_given and
+                               len(ids) < self.context else "messages")
         stops = [s for s in [self.template_stop, *request.stop] if s]
-        return Job(ids, pixel_values, request.max_tokens, request.temperature, request.top_p, stops, emit)
+        return Job(ids, pixel_values, max_tokens, request.temperature, request.top_p, stops, emit)
 
     def submit(self, job: Job) -> None:
         with self._cv:

@@ -50,6 +50,8 @@ class ChatRequest:
     top_p: float
     stop: list[str]
     stream: bool
+    max_tokens_given: bool = True
+    """False when the request left ``max_tokens`` out: the answer may then use whatever context is left."""
 
 
 def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
@@ -162,7 +164,8 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
     if turns[-1][0] != "human":
         raise RequestError("the last message must be from the user", f"messages[{len(messages) - 1}].role")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is None:
+    given = max_tokens is not None
+    if not given:
         max_tokens = limits.max_tokens
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= limits.max_tokens:
         raise RequestError(f"'max_tokens' must be an integer from 1 to {limits.max_tokens}; got {max_tokens!r}",
@@ -176,4 +179,5 @@ def parse_chat_request(body: Any, limits: Limits) -> ChatRequest:
         raise RequestError("'stream' must be true or false", "stream")
     return ChatRequest(turns=turns, image=image, max_tokens=max_tokens,
                        temperature=_number(body, "temperature", 0.0, 0.0, 2.0),
-                       top_p=_number(body, "top_p", 1.0, 0.0, 1.0), stop=stops, stream=stream)
+                       top_p=_number(body, "top_p", 1.0, 0.0, 1.0), stop=stops, stream=stream,
+                       max_tokens_given=given)

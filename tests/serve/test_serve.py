@@ -240,3 +240,58 @@ def test_cli_serve_answers_and_never_prints_the_key(run16, cases, tmp_path):
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
     assert "serving" in out and "127.0.0.1" in out and "k-123456789" not in out
+
+
+def test_chat_page_in_a_real_browser(server, cases, tmp_path):
+    """Headless Chromium (Debian's package, driven by Playwright; nothing downloaded) uploads an image, asks, and the
+    answer on the page is lora-llava chat's. The screenshot is kept in the test's folder."""
+    import shutil
+
+    browser_path = shutil.which("chromium") or shutil.which("chromium-browser")
+    playwright = pytest.importorskip("playwright.sync_api")
+    if browser_path is None:
+        if os.environ.get("LORA_LLAVA_REQUIRE_BROWSER") == "1":
+            pytest.fail("chromium is not installed (CI installs Debian's package)")
+        pytest.skip("chromium is not installed")
+    image, question, expected = cases[2]
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            failed = []
+            page.on("requestfailed", lambda r: failed.append(r.url))
+            page.goto(server.url + "/")
+            assert page.text_content("#model") == "tiny-llava" and page.text_content("#template") == "vicuna_v1"
+            page.set_input_files("#image-input", str(image))
+            page.wait_for_selector("#preview:not([hidden])")
+            page.fill("#question", question)
+            page.click("#send")
+            page.wait_for_selector("li.assistant[data-done='true'], li.error[data-done='true']", timeout=60_000)
+            assert page.locator("li.error").count() == 0, page.text_content("li.error")
+            assert page.text_content("li.user") == question
+            assert page.text_content("li.assistant") == expected
+            page.screenshot(path=str(tmp_path / "chat-page.png"), full_page=True)
+            # A follow-up question keeps the conversation; "New chat" clears it.
+            page.fill("#question", "Are you sure?")
+            page.click("#send")
+            page.wait_for_function("document.querySelectorAll('li[data-done=\"true\"]').length == 2",
+                                   timeout=60_000)
+            assert page.locator("li.user").count() == 2
+            page.click("#new-chat")
+            assert page.locator("#messages li").count() == 0
+            assert not failed
+        finally:
+            browser.close()
+    assert (tmp_path / "chat-page.png").stat().st_size > 1000
+    print("screenshot:", tmp_path / "chat-page.png")
+
+
+def test_max_tokens_left_out_uses_what_the_context_leaves(server, run16):
+    from lora_llava.serve import ChatRequest, RequestError
+
+    ask = dict(turns=[("human", "Hello")], image=None, temperature=0.0, top_p=1.0, stop=[], stream=False)
+    job = server.engine.prepare(ChatRequest(max_tokens=100_000, max_tokens_given=False, **ask), lambda ev: None)
+    assert job.max_tokens == server.context - len(job.ids)
+    with pytest.raises(RequestError, match="context is") as e:
+        server.engine.prepare(ChatRequest(max_tokens=server.context, **ask), lambda ev: None)
+    assert e.value.param == "max_tokens"
