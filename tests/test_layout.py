@@ -7,8 +7,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_llava"
-LAYERS = ["errors", "files", "llava", "config", "data", "run", "model", "infer", "demo", "train", "export", "planner",
-          "cli"]
+LAYERS = ["errors", "files", "llava", "config", "data", "datagen", "run", "model", "infer", "demo", "train", "export",
+          "planner", "cli"]
 
 
 def _imports(path: Path):
