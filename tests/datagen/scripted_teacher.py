@@ -4,7 +4,8 @@ The reply to a request depends only on its messages (so any concurrency gives th
 from the system message, and the first caption of the image's context picks the script. A caption containing
 ``#500x2`` fails twice with HTTP 500 before answering, ``#429x1`` once with 429, ``#malformed`` always gets a reply
 with no labels, ``#unpaired`` a question without an answer, ``#bad-json`` a body that is not JSON the first time.
-``replies`` maps a first caption to a fixed reply text. Every request is kept in ``requests``.
+``replies`` maps a first caption to a fixed reply text; with ``key``, a request without ``Bearer <key>`` gets 401.
+Every request is kept in ``requests``.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ def default_reply(kind: str, caption: str) -> str:
 
 
 class ScriptedTeacher:
-    def __init__(self, replies: dict[str, str] | None = None, delay: float = 0.0, port: int = 0):
+    def __init__(self, replies: dict[str, str] | None = None, delay: float = 0.0, port: int = 0,
+                 key: str | None = None):
         self.replies = replies or {}
+        self.key = key
         self.delay = delay
         self.requests: list[dict] = []
         self.seen: Counter = Counter()
@@ -82,6 +85,8 @@ class ScriptedTeacher:
             self.requests.append({"path": handler.path, "auth": handler.headers.get("Authorization"), "body": body})
             self.seen[key] += 1
             n = self.seen[key]
+        if self.key and handler.headers.get("Authorization") != f"Bearer {self.key}":
+            return self._send(handler, 401, b'{"error": {"message": "invalid api key"}}')
         if self.delay:
             time.sleep(self.delay)
         for code in (500, 429):
