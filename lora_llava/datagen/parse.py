@@ -57,6 +57,9 @@ def _check_common(text: str, finish_reason: str | None) -> None:
         raise Reject("refusal", f"the teacher refused: {text[:80]!r}")
     if "<image>" in text:
         raise Reject("image_tag", "the reply contains '<image>'")
+    special = next((t for t in ("<pad>", "</s>", "<s>", "<unk>") if t in text), None)
+    if special:  # training would read it as the tokenizer's special token, not as text
+        raise Reject("special_token", f"the reply contains {special!r}")
 
 
 def parse_pairs(reply: str, expect_one: bool = False, finish_reason: str | None = None) -> list[tuple[str, str]]:

@@ -281,3 +281,24 @@ def test_missing_images_are_named(tmp_path, capsys):
     assert main(["data", "generate", str(ann), "--image-folder", str(tmp_path / "images"), "--out",
                  str(tmp_path / "o.jsonl"), "--teacher-url", "http://127.0.0.1:9", "--teacher-model", "m"]) == 1
     assert "1 annotated image(s) not found" in capsys.readouterr().err
+    # --limit 1: only the first image is asked for (and needs to exist).
+    with ScriptedTeacher() as t:
+        assert main(["data", "generate", str(ann), "--image-folder", str(tmp_path / "images"), "--out",
+                     str(tmp_path / "o.jsonl"), "--teacher-url", t.url, "--teacher-model", "m", "--limit", "1",
+                     "--kind", "conversation", "--no-progress"]) == 0
+        assert len(t.requests) == 1
+    assert [r["id"] for r in lines(tmp_path / "o.jsonl")] == ["im000.png:conversation"]
+
+
+def test_generate_and_mix_import_no_torch(tmp_path):
+    ann = make_images(tmp_path, ["A red cube."])
+    (tmp_path / "s.yaml").write_text("sources:\n  - {format: llava, path: o.jsonl}\n")
+    probe = ("import sys, json; from lora_llava.cli.main import main; code = main(sys.argv[1:]); "
+             "print(json.dumps({'code': code, 'torch': 'torch' in sys.modules}))")
+    with ScriptedTeacher() as t:
+        for args in (["data", "generate", str(ann), "--image-folder", str(tmp_path / "images"), "--out",
+                      str(tmp_path / "o.jsonl"), "--teacher-url", t.url, "--teacher-model", "m", "--no-progress"],
+                     ["data", "mix", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "m.json")]):
+            r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+            assert json.loads(r.stdout.strip().splitlines()[-1]) == {"code": 0, "torch": False}, r.stderr

@@ -55,6 +55,8 @@ def test_multi_line_answers_keep_their_paragraphs():
     ("Question: A?\nAnswer: B", {"finish_reason": "length"}, "truncated"),
     ("I'm sorry, but I cannot help with that.", {}, "refusal"),
     ("Question: What is in <image>?\nAnswer: A cube.", {}, "image_tag"),
+    ("Question: What?\nAnswer: A cube.</s>", {}, "special_token"),
+    ("Question: What?\nAnswer: A <pad> cube.", {}, "special_token"),
 ])
 def test_rejects_name_their_reason(reply, kwargs, reason):
     with pytest.raises(Reject) as e:
