@@ -32,6 +32,8 @@ def cmd_data_generate(args) -> int:
     from ..datagen.prompts import KINDS, load_prompts
     from ..datagen.teacher import Teacher
 
+    if not args.out.endswith(".jsonl"):
+        raise UsageError(f"--out {args.out}: records are written one a line; name the file *.jsonl")
     kinds = KINDS if args.kind == "all" else (args.kind,)
     folder = Path(args.image_folder)
     if not folder.is_dir():

@@ -79,6 +79,8 @@ class Teacher:
                 raw = r.read()
         except urllib.error.HTTPError as e:
             detail = e.read()[:300].decode("utf-8", "replace").strip()
+            if self.api_key:  # some APIs echo the key they got in their error message
+                detail = detail.replace(self.api_key, "[API key]")
             retry_after = e.headers.get("Retry-After") if e.headers else None
             err = TeacherError(f"HTTP {e.code} from {chat_url(self.url)}: {detail}", e.code in _RETRY_STATUS,
                                fatal=e.code in (401, 403, 404))

@@ -86,7 +86,9 @@ class ScriptedTeacher:
             self.seen[key] += 1
             n = self.seen[key]
         if self.key and handler.headers.get("Authorization") != f"Bearer {self.key}":
-            return self._send(handler, 401, b'{"error": {"message": "invalid api key"}}')
+            # Like some hosted APIs, the error echoes the key it got: the client must not print it.
+            got = json.dumps(handler.headers.get("Authorization"))
+            return self._send(handler, 401, f'{{"error": {{"message": "invalid api key {got}"}}}}'.encode())
         if self.delay:
             time.sleep(self.delay)
         for code in (500, 429):

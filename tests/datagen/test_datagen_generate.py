@@ -181,7 +181,8 @@ def test_a_bad_key_stops_the_run_and_is_not_printed(tmp_path):
     with ScriptedTeacher(key="the-right-key") as t:
         r = run_cli(ann, tmp_path / "out.jsonl", t.url, "--api-key-env", "MY_TEACHER_KEY")
         assert len(t.requests) <= 3  # no retries of a 401
-    assert r.returncode == 1 and "HTTP 401" in r.stderr
+    assert r.returncode == 1 and "HTTP 401" in r.stderr and "invalid api key" in r.stderr
+    assert "[API key]" in r.stderr  # the server echoed the key: redacted
     assert KEY not in r.stdout + r.stderr
     r = run_cli(ann, tmp_path / "out.jsonl", "http://127.0.0.1:9/v1", "--api-key-env", "UNSET_VAR_FOR_TEST")
     assert r.returncode == 2 and "UNSET_VAR_FOR_TEST" in r.stderr
@@ -281,6 +282,9 @@ def test_missing_images_are_named(tmp_path, capsys):
     assert main(["data", "generate", str(ann), "--image-folder", str(tmp_path / "images"), "--out",
                  str(tmp_path / "o.jsonl"), "--teacher-url", "http://127.0.0.1:9", "--teacher-model", "m"]) == 1
     assert "1 annotated image(s) not found" in capsys.readouterr().err
+    assert main(["data", "generate", str(ann), "--image-folder", str(tmp_path / "images"), "--out",
+                 str(tmp_path / "o.json"), "--teacher-url", "http://127.0.0.1:9", "--teacher-model", "m"]) == 2
+    assert "name the file *.jsonl" in capsys.readouterr().err
     # --limit 1: only the first image is asked for (and needs to exist).
     with ScriptedTeacher() as t:
         assert main(["data", "generate", str(ann), "--image-folder", str(tmp_path / "images"), "--out",
