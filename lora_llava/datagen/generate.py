@@ -10,13 +10,14 @@ so the records do not depend on concurrency or on the order replies arrive in.
 from __future__ import annotations
 
 import collections
-import concurrent.futures as cf
 import dataclasses
 import json
 import logging
 import os
+import queue
 import random
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable
@@ -30,7 +31,7 @@ from ..files import BadLine, iter_jsonl
 from .annotations import Annotation
 from .parse import Reject, parse_description, parse_pairs
 from .prompts import DETAIL_INSTRUCTIONS, Prompts, context_of, messages_for
-from .teacher import Teacher, TeacherError
+from .teacher import Reply, Teacher, TeacherError
 
 __all__ = ["Job", "Summary", "build_record", "generate", "make_jobs", "read_done"]
 
@@ -170,14 +171,12 @@ def generate(jobs: list[Job], prompts: dict[str, Prompts], teacher: Teacher, out
         context = context_of(job.annotation, job.kind)
         return teacher.chat(messages_for(prompts[job.kind], context), seed=zlib.crc32(f"{seed}:{job.id}".encode()))
 
-    def finish(job: Job, fut: cf.Future) -> None:
-        try:
-            reply = fut.result()
-        except TeacherError as e:
-            if e.fatal:
-                raise
+    def finish(job: Job, reply: Reply | None, error: BaseException | None) -> None:
+        if error is not None:
+            if not isinstance(error, TeacherError) or error.fatal:
+                raise error
             summary.failed += 1
-            log.warning("%s: %s", job.id, e)
+            log.warning("%s: %s", job.id, error)
             return
         summary.tokens_in += reply.prompt_tokens
         summary.tokens_out += reply.completion_tokens
@@ -195,29 +194,45 @@ def generate(jobs: list[Job], prompts: dict[str, Prompts], teacher: Teacher, out
         if on_record:
             on_record(record)
 
-    pool = cf.ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="teacher")
-    pending: dict[cf.Future, Job] = {}
-    queue = iter(todo)
+    # Daemon worker threads (not a ThreadPoolExecutor, whose threads the interpreter waits for at exit): Ctrl-C
+    # stops at once, dropping only the requests in flight. The writer is this thread alone.
+    tasks: queue.Queue = queue.Queue()
+    results: queue.Queue = queue.Queue()
+
+    def worker() -> None:
+        while (job := tasks.get()) is not None:
+            try:
+                results.put((job, ask(job), None))
+            except BaseException as e:  # noqa: BLE001 - handed to the writer thread, which decides
+                results.put((job, None, e))
+
+    workers = [threading.Thread(target=worker, name=f"teacher-{i}", daemon=True)
+               for i in range(min(concurrency, len(todo)))]
+    for w in workers:
+        w.start()
+    jobs_left = iter(todo)
+    in_flight = 0
     try:
         while True:
-            # A bounded queue: at most 2 x concurrency requests submitted and not yet written.
-            while len(pending) < 2 * concurrency:
-                job = next(queue, None)
-                if job is None:
-                    break
-                pending[pool.submit(ask, job)] = job
-            if not pending:
+            # A bounded queue: at most 2 x concurrency requests handed out and not yet written.
+            while in_flight < 2 * concurrency and (job := next(jobs_left, None)) is not None:
+                tasks.put(job)
+                in_flight += 1
+            if not in_flight:
                 break
-            finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
-            for fut in finished:
-                finish(pending.pop(fut), fut)
-                bar.update(1)
+            finish(*results.get())
+            in_flight -= 1
+            bar.update(1)
             bar.set_postfix_str(f"tok in {summary.tokens_in} out {summary.tokens_out}, "
                                 f"rejected {sum(summary.rejected.values())}, failed {summary.failed}", refresh=False)
     finally:
-        for fut in pending:
-            fut.cancel()
-        pool.shutdown(wait=False, cancel_futures=True)
+        while not tasks.empty():  # drop what no worker has started
+            try:
+                tasks.get_nowait()
+            except queue.Empty:
+                break
+        for _ in workers:
+            tasks.put(None)
         bar.close()
         writer.close()
         reject_writer.close()

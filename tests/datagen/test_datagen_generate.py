@@ -306,3 +306,23 @@ def test_generate_and_mix_import_no_torch(tmp_path):
             r = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60,
                                env={**os.environ, "PYTHONPATH": str(ROOT)})
             assert json.loads(r.stdout.strip().splitlines()[-1]) == {"code": 0, "torch": False}, r.stderr
+
+
+def test_ctrl_c_stops_at_once_with_requests_in_flight(tmp_path):
+    ann = make_images(tmp_path, ["A red cube.", "A blue ball."])
+    with ScriptedTeacher(delay=20) as t:
+        cmd = [sys.executable, "-m", "lora_llava", "data", "generate", str(ann), "--image-folder",
+               str(tmp_path / "images"), "--out", str(tmp_path / "o.jsonl"), "--teacher-url", t.url,
+               "--teacher-model", "m", "--no-progress"]
+        proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not t.requests:
+            time.sleep(0.02)
+        assert t.requests
+        proc.send_signal(signal.SIGINT)
+        start = time.monotonic()
+        _, err = proc.communicate(timeout=15)
+        assert time.monotonic() - start < 5  # not waiting for the 20 s replies
+    assert proc.returncode == 130 and "interrupted" in err
+    assert lines(tmp_path / "o.jsonl") == []
