@@ -30,10 +30,11 @@ def cmd_data_generate(args) -> int:
     from ..datagen.annotations import read_annotations
     from ..datagen.generate import generate, make_jobs
     from ..datagen.prompts import KINDS, load_prompts
-    from ..datagen.teacher import Teacher
+    from ..datagen.teacher import Teacher, chat_url
 
     if not args.out.endswith(".jsonl"):
         raise UsageError(f"--out {args.out}: records are written one a line; name the file *.jsonl")
+    chat_url(args.teacher_url)  # a URL that is not http(s) is a usage error before anything is read
     kinds = KINDS if args.kind == "all" else (args.kind,)
     folder = Path(args.image_folder)
     if not folder.is_dir():

@@ -326,3 +326,14 @@ def test_ctrl_c_stops_at_once_with_requests_in_flight(tmp_path):
         assert time.monotonic() - start < 5  # not waiting for the 20 s replies
     assert proc.returncode == 130 and "interrupted" in err
     assert lines(tmp_path / "o.jsonl") == []
+
+
+def test_teacher_urls():
+    from lora_llava.datagen.teacher import chat_url
+    from lora_llava.errors import UsageError
+
+    assert chat_url("http://127.0.0.1:8000") == "http://127.0.0.1:8000/v1/chat/completions"
+    assert chat_url("https://api.example.com/v1/") == "https://api.example.com/v1/chat/completions"
+    assert chat_url("http://h/v1/chat/completions") == "http://h/v1/chat/completions"
+    with pytest.raises(UsageError, match="http:// or https://"):
+        chat_url("file:///etc/passwd")
