@@ -55,7 +55,7 @@ def cmd_data_generate(args) -> int:
                       max_tokens=args.max_tokens, timeout=args.timeout, retries=args.retries, backoff=args.backoff)
     summary = generate(make_jobs(annotations, kinds), prompts, teacher, args.out, rejects=args.rejects,
                        concurrency=args.concurrency, seed=args.seed, retry_rejected=args.retry_rejected,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, system_in_user=args.system_in_user)
     print(summary.format())
     print(f"output      {args.out}")
     return 1 if summary.failed else 0
@@ -148,6 +148,9 @@ def data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backoff", type=positive, default=1.0, metavar="S",
                    help="first retry delay, doubled each time (default 1 s; a Retry-After header wins)")
     g.add_argument("--retry-rejected", action="store_true", help="ask again for records rejected by an earlier run")
+    g.add_argument("--system-in-user", action="store_true",
+                   help="send no system message: put its text at the start of the first user turn (for endpoints "
+                        "or chat templates that refuse the system role, e.g. lora-llava serve)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     m = sub.add_parser("mix", help="build a LLaVA-1.5-style data mixture from a YAML spec",

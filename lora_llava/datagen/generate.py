@@ -149,10 +149,12 @@ class _Appender:
 
 def generate(jobs: list[Job], prompts: dict[str, Prompts], teacher: Teacher, out: str | Path,
              rejects: str | Path | None = None, concurrency: int = 4, seed: int = 0, retry_rejected: bool = False,
-             progress: bool = True, on_record: Callable[[dict], None] | None = None) -> Summary:
+             progress: bool = True, on_record: Callable[[dict], None] | None = None,
+             system_in_user: bool = False) -> Summary:
     """Ask the teacher for every job not already done, append records to ``out`` and rejects to ``rejects``
     (default ``<out>.rejects.jsonl``); returns the :class:`Summary`. A teacher error that retries cannot fix (a bad
-    key, a wrong URL or model) stops the run with :class:`TeacherError`; what was written stays."""
+    key, a wrong URL or model), or the first requests all refused the same way (400: a request the endpoint does
+    not take), stops the run with :class:`TeacherError`; what was written stays."""
     out = Path(out)
     rejects = Path(rejects) if rejects else out.with_name(out.name + ".rejects.jsonl")
     done = read_done(out)
@@ -169,7 +171,11 @@ def generate(jobs: list[Job], prompts: dict[str, Prompts], teacher: Teacher, out
 
     def ask(job: Job):
         context = context_of(job.annotation, job.kind)
-        return teacher.chat(messages_for(prompts[job.kind], context), seed=zlib.crc32(f"{seed}:{job.id}".encode()))
+        return teacher.chat(messages_for(prompts[job.kind], context, system_in_user),
+                            seed=zlib.crc32(f"{seed}:{job.id}".encode()))
+
+    refused: list[str] = []
+    """Requests refused without a retry (HTTP 4xx) while none has been answered yet."""
 
     def finish(job: Job, reply: Reply | None, error: BaseException | None) -> None:
         if error is not None:
@@ -177,7 +183,13 @@ def generate(jobs: list[Job], prompts: dict[str, Prompts], teacher: Teacher, out
                 raise error
             summary.failed += 1
             log.warning("%s: %s", job.id, error)
+            if not error.retryable and summary.tokens_in + summary.tokens_out + summary.written == 0:
+                refused.append(str(error))
+                if len(refused) >= max(4, concurrency):
+                    raise TeacherError(f"the first {len(refused)} requests were all refused, the last with: "
+                                       f"{refused[-1]}", fatal=True)
             return
+        refused.clear()
         summary.tokens_in += reply.prompt_tokens
         summary.tokens_out += reply.completion_tokens
         summary.retries += reply.attempts - 1

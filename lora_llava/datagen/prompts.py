@@ -83,10 +83,17 @@ def context_of(annotation: Annotation, kind: str) -> str:
     return "\n".join(lines)
 
 
-def messages_for(prompts: Prompts, context: str) -> list[dict[str, str]]:
-    """OpenAI chat messages: system, few-shot user / assistant turns, the image's context."""
+def messages_for(prompts: Prompts, context: str, system_in_user: bool = False) -> list[dict[str, str]]:
+    """OpenAI chat messages: system, few-shot user / assistant turns, the image's context.
+
+    ``system_in_user``: no system message; its text opens the first user turn instead (for endpoints and chat
+    templates that refuse the system role, such as ``lora-llava serve``).
+    """
     messages = [{"role": "system", "content": prompts.system}]
     for example, output in prompts.examples:
         messages += [{"role": "user", "content": example}, {"role": "assistant", "content": output}]
     messages.append({"role": "user", "content": context})
+    if system_in_user:
+        first = messages[1]["content"]
+        messages = [{"role": "user", "content": f"{prompts.system}\n\n{first}"}, *messages[2:]]
     return messages

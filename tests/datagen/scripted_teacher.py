@@ -4,7 +4,8 @@ The reply to a request depends only on its messages (so any concurrency gives th
 from the system message, and the first caption of the image's context picks the script. A caption containing
 ``#500x2`` fails twice with HTTP 500 before answering, ``#429x1`` once with 429, ``#malformed`` always gets a reply
 with no labels, ``#unpaired`` a question without an answer, ``#bad-json`` a body that is not JSON the first time.
-``replies`` maps a first caption to a fixed reply text; with ``key``, a request without ``Bearer <key>`` gets 401.
+``replies`` maps a first caption to a fixed reply text; with ``key``, a request without ``Bearer <key>`` gets 401;
+with ``no_system``, a request with a system message gets 400.
 Every request is kept in ``requests``.
 """
 
@@ -37,8 +38,9 @@ def default_reply(kind: str, caption: str) -> str:
 
 class ScriptedTeacher:
     def __init__(self, replies: dict[str, str] | None = None, delay: float = 0.0, port: int = 0,
-                 key: str | None = None):
+                 key: str | None = None, no_system: bool = False):
         self.replies = replies or {}
+        self.no_system = no_system
         self.key = key
         self.delay = delay
         self.requests: list[dict] = []
@@ -89,6 +91,8 @@ class ScriptedTeacher:
             # Like some hosted APIs, the error echoes the key it got: the client must not print it.
             got = json.dumps(handler.headers.get("Authorization"))
             return self._send(handler, 401, f'{{"error": {{"message": "invalid api key {got}"}}}}'.encode())
+        if self.no_system and messages[0]["role"] == "system":  # as `lora-llava serve` does
+            return self._send(handler, 400, b'{"error": {"message": "system messages are not accepted"}}')
         if self.delay:
             time.sleep(self.delay)
         for code in (500, 429):

@@ -337,3 +337,70 @@ def test_teacher_urls():
     assert chat_url("http://h/v1/chat/completions") == "http://h/v1/chat/completions"
     with pytest.raises(UsageError, match="http:// or https://"):
         chat_url("file:///etc/passwd")
+
+
+def _has_serve() -> bool:
+    from lora_llava.cli.main import COMMANDS
+
+    return "serve" in COMMANDS
+
+
+@pytest.mark.skipif(not _has_serve(), reason="this tree has no 'lora-llava serve' command")
+def test_against_lora_llava_serve(tmp_path, tiny_llava):
+    """Once against the project's own OpenAI-compatible server on the tiny random model (when this tree has
+    `lora-llava serve`): the protocol, the key and the token counts work end to end. The random model writes noise,
+    cut at max_tokens, so every reply is a counted reject; none fails."""
+    pytest.importorskip("uvicorn")
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "SERVE_KEY": KEY, "MY_TEACHER_KEY": KEY}
+    server = subprocess.Popen([sys.executable, "-m", "lora_llava", "serve", str(tiny_llava), "--port", str(port),
+                               "--api-key-env", "SERVE_KEY", "--max-new-tokens", "16"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()[-2000:]
+                time.sleep(0.2)
+        prompts = tmp_path / "prompts"  # the tiny model's context is 512 tokens: short prompts, no examples
+        for kind in KINDS:
+            (prompts / kind).mkdir(parents=True)
+            (prompts / kind / "system.txt").write_text(f"Write {kind} data about the image.")
+        ann = make_images(tmp_path, ["A red cube on a table."])
+        r = run_cli(ann, tmp_path / "out.jsonl", f"http://127.0.0.1:{port}/v1", "--api-key-env", "MY_TEACHER_KEY",
+                    "--prompts", str(prompts), "--system-in-user", "--max-tokens", "16", "--no-progress")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert KEY not in r.stdout + r.stderr
+    written = len(lines(tmp_path / "out.jsonl"))
+    rejects = lines(tmp_path / "out.jsonl.rejects.jsonl")
+    assert written + len(rejects) == 3 and "failed      0" in r.stdout
+    assert all(x["reply"] for x in rejects)
+    tokens_in = int(r.stdout.split("tokens      ")[1].split(" in")[0])
+    assert tokens_in > 0
+
+
+def test_system_in_user_and_a_stop_when_every_request_is_refused(tmp_path):
+    ann = make_images(tmp_path, [f"Picture {i}." for i in range(6)])
+    args = ["data", "generate", str(ann), "--image-folder", str(tmp_path / "images"), "--out",
+            str(tmp_path / "o.jsonl"), "--kind", "conversation", "--teacher-model", "m", "--no-progress"]
+    with ScriptedTeacher(no_system=True) as t:
+        assert main([*args, "--teacher-url", t.url]) == 1  # 400 "no system messages" four times: stop
+        assert 4 <= len(t.requests) <= 6
+        assert lines(tmp_path / "o.jsonl") == []
+    with ScriptedTeacher(no_system=True) as t:
+        assert main([*args, "--teacher-url", t.url, "--system-in-user"]) == 0
+        messages = t.requests[0]["body"]["messages"]
+    system = load_prompts(None)["conversation"].system
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+    assert messages[0]["content"].startswith(system + "\n\n") and len(lines(tmp_path / "o.jsonl")) == 6
