@@ -404,3 +404,20 @@ def test_system_in_user_and_a_stop_when_every_request_is_refused(tmp_path):
     system = load_prompts(None)["conversation"].system
     assert [m["role"] for m in messages] == ["user", "assistant", "user"]
     assert messages[0]["content"].startswith(system + "\n\n") and len(lines(tmp_path / "o.jsonl")) == 6
+
+
+def test_retry_rejected_asks_again_without_duplicating_rejects(tmp_path):
+    ann = make_images(tmp_path, ["A #malformed reply.", "A fine one."])
+    jobs = make_jobs(read_annotations([ann]), ["conversation"])
+    with ScriptedTeacher() as t:
+        first = generate(jobs, load_prompts(None, ("conversation",)), Teacher(t.url, "m"), tmp_path / "o.jsonl",
+                         progress=False)
+        again = generate(jobs, load_prompts(None, ("conversation",)), Teacher(t.url, "m"), tmp_path / "o.jsonl",
+                         progress=False)
+        retried = generate(jobs, load_prompts(None, ("conversation",)), Teacher(t.url, "m"), tmp_path / "o.jsonl",
+                           progress=False, retry_rejected=True)
+        assert len(t.requests) == 3
+    assert (first.written, dict(first.rejected)) == (1, {"no_labels": 1})
+    assert (again.skipped, again.written, sum(again.rejected.values())) == (2, 0, 0)
+    assert (retried.skipped, dict(retried.rejected)) == (1, {"no_labels": 1})
+    assert [r["id"] for r in lines(tmp_path / "o.jsonl.rejects.jsonl")] == ["im000.png:conversation"]
