@@ -7,8 +7,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lora_llava"
-LAYERS = ["errors", "files", "llava", "config", "data", "run", "model", "infer", "eval", "demo", "train", "export",
-          "serve", "planner", "cli"]
+LAYERS = ["errors", "files", "llava", "config", "data", "datagen", "run", "model", "infer", "eval", "demo", "train",
+          "export", "serve", "planner", "cli"]
 
 
 def _imports(path: Path):

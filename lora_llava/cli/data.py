@@ -1,18 +1,82 @@
-"""``lora-llava data``: dataset tools (``data check``)."""
+"""``lora-llava data``: dataset tools (``data check``, ``data generate``, ``data mix``)."""
 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import DataError, UsageError
 from ..llava.constants import LLAVA15_IMAGE_TOKENS
+from .common import positive, positive_int
 
-__all__ = ["cmd_data", "cmd_data_check", "data_args"]
+__all__ = ["cmd_data", "cmd_data_check", "cmd_data_generate", "cmd_data_mix", "data_args"]
 
 
 def cmd_data(args) -> int:
-    """Dataset tools; ``lora-llava data check --help`` for the one there is."""
-    raise UsageError("data needs a subcommand: check")
+    """Dataset tools; ``lora-llava data SUBCOMMAND --help`` for each."""
+    raise UsageError("data needs a subcommand: check, generate or mix")
+
+
+def cmd_data_generate(args) -> int:
+    """Make LLaVA-format instruction data with a text-only teacher (any OpenAI-compatible chat endpoint) from
+    annotated images: conversations, detailed descriptions and complex-reasoning Q&A, from captions (+ object boxes).
+
+    Records are appended to OUT as they arrive; a rerun skips every record already in OUT (or rejected before), so an
+    interrupted run is resumed by running the same command again. Replies that cannot be parsed go to the rejects
+    file (OUT.rejects.jsonl) with the reason. The API key is read from the environment variable named by
+    --api-key-env and never printed. Exit 0 when every request ended in a record or a reject, 1 when some failed.
+    """
+    from ..datagen.annotations import read_annotations
+    from ..datagen.generate import generate, make_jobs
+    from ..datagen.prompts import KINDS, load_prompts
+    from ..datagen.teacher import Teacher, chat_url
+
+    if not args.out.endswith(".jsonl"):
+        raise UsageError(f"--out {args.out}: records are written one a line; name the file *.jsonl")
+    chat_url(args.teacher_url)  # a URL that is not http(s) is a usage error before anything is read
+    kinds = KINDS if args.kind == "all" else (args.kind,)
+    folder = Path(args.image_folder)
+    if not folder.is_dir():
+        raise UsageError(f"--image-folder {folder}: not a folder")
+    key_env = args.api_key_env or "OPENAI_API_KEY"
+    api_key = os.environ.get(key_env)
+    if args.api_key_env and not api_key:
+        raise UsageError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
+    prompts = load_prompts(args.prompts, kinds)
+    annotations = read_annotations(args.annotations)
+    if args.limit:
+        annotations = annotations[:args.limit]
+    missing = [a.image for a in annotations if not (folder / a.image).is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} annotated image(s) not found under --image-folder {folder}: "
+                        f"{', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    teacher = Teacher(args.teacher_url, args.teacher_model, api_key=api_key, temperature=args.temperature,
+                      max_tokens=args.max_tokens, timeout=args.timeout, retries=args.retries, backoff=args.backoff)
+    summary = generate(make_jobs(annotations, kinds), prompts, teacher, args.out, rejects=args.rejects,
+                       concurrency=args.concurrency, seed=args.seed, retry_rejected=args.retry_rejected,
+                       progress=not args.no_progress, system_in_user=args.system_in_user)
+    print(summary.format())
+    print(f"output      {args.out}")
+    return 1 if summary.failed else 0
+
+
+def cmd_data_mix(args) -> int:
+    """Build a LLaVA-1.5-style mixture from a YAML spec: LLaVA JSON / JSONL files and VQA-style sets (VQAv2, GQA,
+    OK-VQA, OCR-VQA, TextCaps, or a generic image/question/answer JSONL or CSV) converted with their response-format
+    prompt, the QA pairs of one image merged into one conversation, sampled per source (ratio or count), deduplicated
+    by (image, question), deterministic by seed. Writes one LLaVA JSON list and prints where each record came from.
+    """
+    from ..datagen.mix import build_mix, load_mix_spec, write_mix
+
+    spec = load_mix_spec(args.spec)
+    if args.seed is not None:
+        spec.seed = args.seed
+    records, table = build_mix(spec)
+    write_mix(records, args.out)
+    print(table.format())
+    print(f"wrote {len(records)} records to {args.out}")
+    return 0
 
 
 def cmd_data_check(args) -> int:
@@ -54,3 +118,44 @@ def data_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--no-images-decode", action="store_true",
                    help="only check that images exist (fast); by default each one is decoded")
     c.add_argument("--workers", type=int, default=1, metavar="N", help="processes decoding images (default 1)")
+
+    g = sub.add_parser("generate", help="make instruction data with a teacher LLM (OpenAI-compatible endpoint)",
+                       description=cmd_data_generate.__doc__)
+    g.set_defaults(func=cmd_data_generate)
+    g.add_argument("annotations", nargs="+", metavar="ANNOTATIONS",
+                   help="COCO captions_*.json (+ instances_*.json for boxes), or JSONL "
+                        '{"image", "captions": [...], "boxes": [{"label", "bbox": [x1, y1, x2, y2]}]} (0-1)')
+    g.add_argument("--image-folder", required=True, metavar="DIR", help="folder the annotated image paths are under")
+    g.add_argument("--kind", default="all", choices=["conversation", "detail", "reasoning", "all"],
+                   help="what to generate (default all three)")
+    g.add_argument("--out", required=True, metavar="OUT.jsonl", help="LLaVA records, one a line (appended to)")
+    g.add_argument("--rejects", metavar="FILE.jsonl", help="unparseable replies (default OUT.rejects.jsonl)")
+    g.add_argument("--teacher-url", required=True, metavar="URL",
+                   help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 or https://api.openai.com/v1")
+    g.add_argument("--teacher-model", required=True, metavar="NAME", help="model name sent to the endpoint")
+    g.add_argument("--api-key-env", metavar="VAR",
+                   help="environment variable holding the API key (default OPENAI_API_KEY if set; none for local "
+                        "servers)")
+    g.add_argument("--prompts", metavar="DIR", help="your own prompt folder (copy lora_llava/datagen/prompts)")
+    g.add_argument("--concurrency", type=positive_int, default=4, metavar="N", help="requests in flight (default 4)")
+    g.add_argument("--limit", type=positive_int, metavar="N", help="only the first N images")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random choices (image position, instruction)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1.0)")
+    g.add_argument("--max-tokens", type=positive_int, default=1024, metavar="N", help="per reply (default 1024)")
+    g.add_argument("--timeout", type=positive, default=120.0, metavar="S", help="per request (default 120 s)")
+    g.add_argument("--retries", type=int, default=6, metavar="N",
+                   help="retries of a request on 429 / 5xx / timeouts (default 6)")
+    g.add_argument("--backoff", type=positive, default=1.0, metavar="S",
+                   help="first retry delay, doubled each time (default 1 s; a Retry-After header wins)")
+    g.add_argument("--retry-rejected", action="store_true", help="ask again for records rejected by an earlier run")
+    g.add_argument("--system-in-user", action="store_true",
+                   help="send no system message: put its text at the start of the first user turn (for endpoints "
+                        "or chat templates that refuse the system role, e.g. lora-llava serve)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    m = sub.add_parser("mix", help="build a LLaVA-1.5-style data mixture from a YAML spec",
+                       description=cmd_data_mix.__doc__)
+    m.set_defaults(func=cmd_data_mix)
+    m.add_argument("spec", metavar="SPEC.yaml", help="the sources, their formats and ratios / counts")
+    m.add_argument("--out", required=True, metavar="MIX.json", help="the mixture (a LLaVA JSON list)")
+    m.add_argument("--seed", type=int, help="override the spec's seed")

@@ -40,7 +40,8 @@ def _setup_logging(verbose: bool = False) -> None:
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str, Callable[[argparse.ArgumentParser], None]]] = {
     "sft": (cmd_sft, "train a recipe (stage 1 or stage 2)", sft_args),
-    "data": (cmd_data, "dataset tools: 'data check' validates every record, dumps label masks", data_args),
+    "data": (cmd_data, "dataset tools: 'data check' validates records, 'data generate' makes instruction data "
+                     "with a teacher LLM, 'data mix' builds a LLaVA-1.5-style mixture", data_args),
     "plan": (cmd_plan, "estimate peak GPU memory of a recipe and whether it fits", plan_args),
     "report": (cmd_report, "summarise a run folder (steps, losses, tokens, throughput) and redraw loss.png",
                report_args),
