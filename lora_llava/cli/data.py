@@ -10,12 +10,12 @@ from ..errors import DataError, UsageError
 from ..llava.constants import LLAVA15_IMAGE_TOKENS
 from .common import positive, positive_int
 
-__all__ = ["cmd_data", "cmd_data_check", "cmd_data_generate", "cmd_data_mix", "data_args"]
+__all__ = ["cmd_data", "cmd_data_check", "cmd_data_generate", "cmd_data_make_pretrain", "cmd_data_mix", "data_args"]
 
 
 def cmd_data(args) -> int:
     """Dataset tools; ``lora-llava data SUBCOMMAND --help`` for each."""
-    raise UsageError("data needs a subcommand: check, generate or mix")
+    raise UsageError("data needs a subcommand: check, generate, mix or make-pretrain")
 
 
 def cmd_data_generate(args) -> int:
@@ -76,6 +76,19 @@ def cmd_data_mix(args) -> int:
     write_mix(records, args.out)
     print(table.format())
     print(f"wrote {len(records)} records to {args.out}")
+    return 0
+
+
+def cmd_data_make_pretrain(args) -> int:
+    """Turn image-caption pairs (JSON list, JSONL or CSV with image and caption fields) into stage-1 conversations,
+    as LLaVA built CC3M-595K / LCS-558K: a random brief-description instruction (one of 11) with the image before or
+    after it, the caption as the answer. Deterministic for a --seed. Bad records are named (file, line, field).
+    """
+    from ..datagen.pretrain import make_pretrain
+
+    summary = make_pretrain(args.captions, args.out, seed=args.seed)
+    print(summary.format())
+    print(f"wrote {summary.records} records to {args.out}")
     return 0
 
 
@@ -152,6 +165,13 @@ def data_args(p: argparse.ArgumentParser) -> None:
                    help="send no system message: put its text at the start of the first user turn (for endpoints "
                         "or chat templates that refuse the system role, e.g. lora-llava serve)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    mp = sub.add_parser("make-pretrain", help="image-caption pairs -> stage-1 (projector alignment) conversations",
+                        description=cmd_data_make_pretrain.__doc__)
+    mp.set_defaults(func=cmd_data_make_pretrain)
+    mp.add_argument("captions", metavar="CAPTIONS", help="a JSON list, JSONL or CSV of {image, caption} records")
+    mp.add_argument("--out", required=True, metavar="CHAT.json", help="the stage-1 data (a LLaVA JSON list)")
+    mp.add_argument("--seed", type=int, default=0, help="seed of the instruction and placement choices (default 0)")
 
     m = sub.add_parser("mix", help="build a LLaVA-1.5-style data mixture from a YAML spec",
                        description=cmd_data_mix.__doc__)
