@@ -33,7 +33,7 @@ from .safetensors_io import ShardWriter, iter_tensors, largest_shard, low_memory
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MergeResult", "merge"]
+__all__ = ["MergeResult", "export_info", "merge"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -49,6 +49,34 @@ def _local(path: str, key: str) -> Path:
         return Path(snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except Exception as e:  # noqa: BLE001 - offline, gated, missing: all mean "give --base"
         raise MergeError(f"{key}: '{path}' could not be fetched ({e}); pass --base with a local copy") from None
+
+
+def export_info(folder: str | Path) -> dict[str, Any] | None:
+    """The ``lora_llava.json`` that :func:`merge` writes into an export (it names the run and the format); None when
+    ``folder`` is not such an export (a hand-written marker of a checkpoint, with a template only, is not one)."""
+    path = Path(folder) / EXPORT_INFO_FILE
+    if not path.is_file():
+        return None
+    try:
+        info = read_json(path, dict)
+    except ValueError:
+        return None
+    return info if info.get("format") in ("hf", "llava") and "run" in info else None
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """``--out`` may be new; an existing one only with ``--overwrite`` and only when it is an earlier export."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
+        raise MergeError(f"--out '{out}' exists; pass --overwrite to replace it")
+    if not out.is_dir():
+        raise MergeError(f"--out '{out}' is a file, not an earlier export: --overwrite replaces only a folder that "
+                         f"lora-llava merge wrote (with its {EXPORT_INFO_FILE}); choose another --out")
+    if export_info(out) is None:
+        raise MergeError(f"--out '{out}' is not an earlier lora-llava export (no {EXPORT_INFO_FILE} written by merge):"
+                         " --overwrite replaces only exports, never other folders; choose another --out (nothing was "
+                         "deleted)")
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -183,6 +211,7 @@ def merge(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: str =
     if dtype not in _DTYPES:
         raise MergeError(f"--dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
     out, out_dtype = Path(out), _DTYPES[dtype]
+    _check_out(out, overwrite)
     run = _Run(Path(run_dir))
     train_dtype = getattr(torch, run.info.get("dtype", "torch.bfloat16").removeprefix("torch."))
     round_trip = _dequantizer(run.recipe, train_dtype) if from_dequantized else None

@@ -223,3 +223,31 @@ def test_safetensors_writer_round_trips(tmp_path):
     assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in tensors.items())
     with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt"}
+
+
+def test_overwrite_replaces_only_an_earlier_export(run16, tmp_path):
+    from lora_llava.cli.main import main
+
+    # A folder of runs, the run being merged, a data file, a folder with a hand-written checkpoint marker: never
+    # replaced, nothing in them deleted.
+    runs = tmp_path / "runs"
+    shutil.copytree(run16.output_dir, runs / "a")
+    data = tmp_path / "data.json"
+    data.write_text("[]")
+    marked = tmp_path / "marked"
+    marked.mkdir()
+    (marked / "lora_llava.json").write_text('{"template": "vicuna_v1"}')
+    for target in (runs, runs / "a", data, marked):
+        before = sorted(str(p) for p in target.rglob("*")) if target.is_dir() else data.read_text()
+        with pytest.raises(MergeError, match=f"--out '{target}' is (not an earlier lora-llava export|a file)"):
+            merge(runs / "a", target, overwrite=True, progress=False)
+        assert (sorted(str(p) for p in target.rglob("*")) if target.is_dir() else data.read_text()) == before
+    assert main(["merge", str(runs / "a"), "--out", str(runs), "--overwrite"]) == 1
+    assert (runs / "a" / "recipe.yaml").is_file()
+    # An earlier export is replaced.
+    export = merge(runs / "a", tmp_path / "e", dtype="fp32", progress=False).out
+    (export / "stale.txt").write_text("from the first export")
+    merge(runs / "a", export, dtype="fp16", progress=False, overwrite=True)
+    assert not (export / "stale.txt").exists()
+    assert json.loads((export / "lora_llava.json").read_text())["dtype"] == "fp16"
+    assert not list(tmp_path.glob(".e.*"))
