@@ -87,16 +87,17 @@ class _Run:
     """What a run folder tells the merge: recipe, adapter (stage 2), projector, processor, the dtype it trained in."""
 
     def __init__(self, run_dir: Path):
-        run = RunFolder(run_dir)
+        run = RunFolder.open(run_dir)
         if not run.path.is_dir():
             raise MergeError(f"run folder '{run_dir}' does not exist")
         if not run.is_run():
-            raise MergeError(f"'{run_dir}' is not a lora-llava run folder (no {run.recipe_file.name})")
+            raise MergeError(f"'{run_dir}' is not a lora-llava run folder (no {run.recipe_file.name}) nor a checkpoint "
+                             "of one (RUN/checkpoint-N)")
         self.run = run
         self.dir = run.path
         self.recipe = run.read_recipe()
-        if not run.projector_file.is_file():
-            raise MergeError(f"'{run_dir}' has no {run.projector_file.name}: the run did not finish saving")
+        if not run.is_finished() or not run.projector_file.is_file():
+            raise MergeError(f"'{run_dir}' has no usable {run.projector_file.name}: {run.unfinished_hint()}")
         from safetensors.torch import load_file
 
         self.projector = {"model." + k: v for k, v in load_file(str(run.projector_file)).items()}
@@ -110,7 +111,7 @@ class _Run:
         weights, config = RunFolder.adapter_files(folder)
         if not weights.is_file() or not config.is_file():
             raise MergeError(f"'{self.dir}' is a stage-2 run without an adapter ({folder} with {config.name} "
-                             f"and {weights.name}): the run did not finish saving")
+                             f"and {weights.name}): {self.run.unfinished_hint()}")
         cfg = read_json(config, dict, "an adapter config (a JSON object)")
         if cfg.get("use_dora"):
             raise MergeError(f"{config}: DoRA adapters are not supported by lora-llava merge")

@@ -84,7 +84,7 @@ def load_for_inference(path: str | Path, device: str | torch.device | None = Non
     if dtype is not None and dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise InferenceError(f"dtype: got '{dtype}'; expected auto, bfloat16, float16 or float32")
     dev = _target_device(device)
-    if RunFolder(root).is_run():
+    if RunFolder.open(root).is_run():
         loaded = _load_run(root, bits, dtype, dev)
     elif (root / "config.json").is_file():
         loaded = _load_checkpoint(root, bits, dtype, dev)
@@ -127,8 +127,10 @@ def _load_run(root: Path, bits: int | None, dtype: str | None, dev: torch.device
     from ..model.loading import load_model
     from ..model.projector import load_projector, read_projector
 
-    run = RunFolder(root)
+    run = RunFolder.open(root)
     where = f"run folder '{root}'"
+    if not run.is_finished():
+        raise InferenceError(f"{where}: {run.unfinished_hint()}")
     overrides = ([f"quant.bits={bits}"] if bits is not None else []) + ([f"model.dtype={dtype}"] if dtype else [])
     try:
         recipe = run.read_recipe(overrides)

@@ -21,7 +21,7 @@ from ..model.projector import projector_state
 from ..model.runtime import resolve_dtype
 from ..model.stage import build_model, model_summary
 from ..run.folder import RunFolder
-from .checkpoints import resolve_resume
+from .checkpoints import check_output_dir, check_resumed_recipe, resolve_resume
 from .launch import check_launch, detect_launch, device_map
 
 logger = logging.getLogger(__name__)
@@ -110,11 +110,26 @@ def _quiet_other_ranks(launch) -> None:
     datasets.disable_progress_bars()
 
 
+def _run_info(model) -> dict[str, Any]:
+    """What a merge needs to rebuild exactly what trained: the dtype the base was loaded (and quantized) in."""
+    from .. import __version__
+
+    return {"dtype": str(model.get_input_embeddings().weight.dtype), "lora_llava": __version__,
+            "vocab": model.get_input_embeddings().weight.shape[0]}
+
+
+def start_run(output_dir: Path, recipe, model, processor) -> None:
+    """What a run folder holds from the start (recipe, processor, run info), so that its checkpoints are usable
+    (merge, chat, generate) even when the run is killed before its final save."""
+    run = RunFolder(output_dir)
+    run.write_recipe(recipe)
+    run.write_folder(run.processor_dir, lambda tmp: processor.save_pretrained(str(tmp)))
+    run.write_json(run.info_file, _run_info(model))
+
+
 def save_run(output_dir: Path, recipe, model, processor, trainer, data_report) -> None:
     """Write what a run folder holds: recipe, adapter, projector, processor, trainer state, run info, data report,
     loss plot (see :class:`~lora_llava.run.folder.RunFolder`)."""
-    from .. import __version__
-
     run = RunFolder(output_dir)
     run.write_recipe(recipe)
     run.write_projector(projector_state(model))
@@ -122,9 +137,7 @@ def save_run(output_dir: Path, recipe, model, processor, trainer, data_report) -
         run.write_folder(run.adapter_dir, lambda tmp: model.save_pretrained(str(tmp), save_embedding_layers=False))
     run.write_folder(run.processor_dir, lambda tmp: processor.save_pretrained(str(tmp)))
     run.write_trainer_state(trainer.state)
-    # What a merge needs to rebuild exactly what trained: the dtype the base was loaded (and quantized) in.
-    info = {"dtype": str(model.get_input_embeddings().weight.dtype), "lora_llava": __version__,
-            "vocab": model.get_input_embeddings().weight.shape[0]}
+    info = _run_info(model)
     if torch.cuda.is_available():
         info["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
         info["gpu"] = torch.cuda.get_device_name()
@@ -134,13 +147,16 @@ def save_run(output_dir: Path, recipe, model, processor, trainer, data_report) -
 
 
 def train(recipe, train_records: Iterable[dict] | None = None, eval_records: Iterable[dict] | None = None,
-          resume: str | None = None, callbacks: Sequence[Any] = ()) -> TrainResult:
+          resume: str | None = None, callbacks: Sequence[Any] = (), overwrite: bool = False) -> TrainResult:
     """Run a recipe end to end: setup, train, save. Returns a :class:`TrainResult`.
 
     ``train_records`` / ``eval_records`` (LLaVA-format dicts) replace ``data.train`` / ``data.eval`` when given.
     ``resume``: ``auto`` or a checkpoint folder (see :func:`resolve_resume`); the run continues exactly where the
     checkpoint left it (weights, optimizer, scheduler, RNG, data order). ``callbacks``: transformers
     ``TrainerCallback`` s added to the trainer (see :func:`~lora_llava.train.trainer.build_trainer`).
+
+    A ``train.output_dir`` that holds a finished run, or checkpoints, is refused unless the run is resumed or
+    ``overwrite``; then the old run's files are set aside and deleted only once the new run is saved.
 
     Under ``torchrun`` / ``accelerate launch`` every process calls this; rank 0 prepares the data (the others read
     its tokenization cache), prints, and writes the run folder.
@@ -159,14 +175,25 @@ def train(recipe, train_records: Iterable[dict] | None = None, eval_records: Ite
         raise RecipeError([f"train.eval_strategy: '{strategy}' needs evaluation data (data.eval, or eval_records "
                            "passed to train())"], recipe.source)
     _quiet_other_ranks(launch)
+    checkpoint = resolve_resume(recipe, resume)
+    check_output_dir(recipe, resume, checkpoint, overwrite)
+    check_resumed_recipe(recipe, checkpoint)
+    output = RunFolder(recipe.train.output_dir)
+    replaced = None
     if launch.is_main:
+        if overwrite and checkpoint is None:
+            replaced = output.set_aside()
+            if replaced is not None:
+                logger.warning("--overwrite: the previous run's files in %s are moved to %s and deleted once this run "
+                               "is saved (should this run fail, they stay there)",
+                            output.path, replaced)
         try:
-            RunFolder(recipe.train.output_dir).check_writable()  # before hours of training, not after
+            output.check_writable()  # before hours of training, not after
+            output.write_recipe(recipe)  # a killed run's checkpoints stay usable
         except OSError as e:
             raise RecipeError([f"train.output_dir: '{recipe.train.output_dir}' cannot be written "
                                f"({e.strerror or e})"], recipe.source) from None
     set_seed(recipe.train.seed)
-    checkpoint = resolve_resume(recipe, resume)
     # The arguments come first: they start the process group (and DeepSpeed ZeRO-3's partitioned loading) that
     # loading the model relies on.
     args = sft_config(recipe, resolve_dtype(recipe.model.dtype))
@@ -180,6 +207,8 @@ def train(recipe, train_records: Iterable[dict] | None = None, eval_records: Ite
         with args.main_process_first(desc="demo model and data"):
             prepare_demo(recipe)
     model, processor = build_model(recipe, device_map(launch))
+    if launch.is_main:
+        start_run(output.path, recipe, model, processor)
     with args.main_process_first(desc="tokenizing"):
         train_ds, eval_ds = build_datasets(recipe, processor, model.config, train_records, eval_records)
     trainer = build_trainer(recipe, model, processor, train_ds.to_hf(),
@@ -201,6 +230,7 @@ def train(recipe, train_records: Iterable[dict] | None = None, eval_records: Ite
     main = trainer.is_world_process_zero()
     if main:
         save_run(out, recipe, trainer.model, processor, trainer, train_ds.report)
+        output.remove_set_aside(replaced)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     result = TrainResult(out, trainer.model, processor, losses, summary, main)
     if main and recipe.demo is not None and recipe.data.eval:
