@@ -79,6 +79,23 @@ def _check_out(out: Path, overwrite: bool) -> None:
                          "deleted)")
 
 
+def _check_base(base: str | None, run: _Run) -> None:
+    """``--base`` must be the model the run trained on, not an export (whose weights already hold a merged LoRA),
+    unless the run itself trained on that export."""
+    if base is None or not Path(base).is_dir():
+        return
+    info = export_info(base)
+    if info is None:
+        return
+    trained_on = run.recipe.model.llava or run.recipe.model.llm
+    if trained_on and Path(trained_on).is_dir() and Path(trained_on).resolve() == Path(base).resolve():
+        return
+    raise MergeError(f"--base '{base}' is a lora-llava export (merged from run '{info.get('run')}'): its weights "
+                     "already hold a merged LoRA adapter, and merging into it would apply one a second time. Give the "
+                     f"base model the run trained on (model.{'llava' if run.recipe.model.llava else 'llm'}: "
+                     f"'{trained_on}'), or leave --base out")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The run folder.
 
@@ -214,6 +231,7 @@ def merge(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: str =
     out, out_dtype = Path(out), _DTYPES[dtype]
     _check_out(out, overwrite)
     run = _Run(Path(run_dir))
+    _check_base(base, run)
     train_dtype = getattr(torch, run.info.get("dtype", "torch.bfloat16").removeprefix("torch."))
     round_trip = _dequantizer(run.recipe, train_dtype) if from_dequantized else None
     try:

@@ -225,7 +225,7 @@ def test_safetensors_writer_round_trips(tmp_path):
         assert f.metadata() == {"format": "pt"}
 
 
-def test_overwrite_replaces_only_an_earlier_export(run16, tmp_path):
+def test_overwrite_replaces_only_an_earlier_export_and_an_export_is_no_base(run16, tmp_path):
     from lora_llava.cli.main import main
 
     # A folder of runs, the run being merged, a data file, a folder with a hand-written checkpoint marker: never
@@ -251,3 +251,8 @@ def test_overwrite_replaces_only_an_earlier_export(run16, tmp_path):
     assert not (export / "stale.txt").exists()
     assert json.loads((export / "lora_llava.json").read_text())["dtype"] == "fp16"
     assert not list(tmp_path.glob(".e.*"))
+    # An export as --base would apply the LoRA a second time.
+    with pytest.raises(MergeError, match=f"--base '{export}' is a lora-llava export .*a second time"):
+        merge(runs / "a", tmp_path / "twice", base=str(export), progress=False)
+    assert main(["merge", str(runs / "a"), "--out", str(tmp_path / "twice"), "--base", str(export)]) == 1
+    assert not (tmp_path / "twice").exists()
