@@ -18,7 +18,8 @@ from typing import Any
 
 from .errors import DataError
 
-__all__ = ["BadLine", "atomic_dir", "cache_root", "iter_jsonl", "read_json", "write_atomic", "write_text_atomic"]
+__all__ = ["BadLine", "atomic_dir", "cache_root", "iter_jsonl", "read_json", "read_tensors", "write_atomic",
+           "write_text_atomic"]
 
 
 def cache_root() -> Path:
@@ -115,3 +116,33 @@ def read_json(path: str | Path, expect: type | None = None, what: str = "") -> A
     if expect is not None and not isinstance(value, expect):
         raise DataError(f"{path}: expected {what or expect.__name__}, got {type(value).__name__}")
     return value
+
+
+def read_tensors(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """The tensors of a ``.safetensors`` file, or of a weights-only ``.bin`` / ``.pt`` pickle.
+
+    Nothing else is ever unpickled: a pickle holding Python objects beyond tensors raises :class:`DataError` saying
+    so (torch's own message advises ``weights_only=False``, which would run the file's code). A damaged or truncated
+    file raises :class:`DataError` naming it.
+    """
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: the file is not readable safetensors
+            raise DataError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0][:200]}); it is damaged "
+                            "or was not written to the end") from None
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        raise DataError(f"{path}: a pickle that holds Python objects besides tensors; lora-llava never unpickles "
+                        "those (it could run code): only safetensors files and weights-only .bin files are read. "
+                        "Convert it to safetensors where it was made (or from a source you trust)") from None
+    except Exception as e:  # noqa: BLE001 - zip / EOF / runtime errors: the file is damaged
+        raise DataError(f"{path}: not a readable weights file ({str(e).splitlines()[0][:200]})") from None

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from ..errors import MergeError
-from ..files import read_json
+from ..errors import DataError, MergeError
+from ..files import read_json, read_tensors
 from ..llava.constants import DEFAULT_VISION_TOWER, padded_vocab
 from ..llava.layouts import EXPORT_INFO_FILE, to_hf, to_internal, to_original
 from ..llava.spec import ModelSpec, llava_config
@@ -100,6 +100,13 @@ def _check_base(base: str | None, run: _Run) -> None:
 # The run folder.
 
 
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return read_tensors(path)
+    except DataError as e:
+        raise MergeError(str(e)) from None
+
+
 class _Run:
     """What a run folder tells the merge: recipe, adapter (stage 2), projector, processor, the dtype it trained in."""
 
@@ -115,9 +122,7 @@ class _Run:
         self.recipe = run.read_recipe()
         if not run.is_finished() or not run.projector_file.is_file():
             raise MergeError(f"'{run_dir}' has no usable {run.projector_file.name}: {run.unfinished_hint()}")
-        from safetensors.torch import load_file
-
-        self.projector = {"model." + k: v for k, v in load_file(str(run.projector_file)).items()}
+        self.projector = {"model." + k: v for k, v in _tensors(run.projector_file).items()}
         self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.scale = 0.0
         if self.recipe.train.stage == 2:
@@ -136,9 +141,7 @@ class _Run:
             raise MergeError(f"{config}: fan_in_fan_out adapters are not supported by lora-llava merge")
         r, alpha = cfg["r"], cfg["lora_alpha"]
         self.scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        from safetensors.torch import load_file
-
-        raw = load_file(str(weights))
+        raw = _tensors(weights)
         parts: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in raw.items():
             m = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$", key)

@@ -12,7 +12,7 @@ import torch
 
 from ..data import get_template
 from ..errors import DataError, InferenceError, ModelError, RecipeError
-from ..files import read_json
+from ..files import read_json, read_tensors
 from ..llava.layouts import EXPORT_INFO_FILE, checkpoint_layout
 from ..llava.spec import read_config_dict
 from ..run.folder import RunFolder
@@ -150,6 +150,11 @@ def _load_run(root: Path, bits: int | None, dtype: str | None, dev: torch.device
     except ModelError as e:
         raise InferenceError(f"{where}: {e}{_relative_paths_hint(recipe)}") from None
     if recipe.train.stage == 2:
+        weights = RunFolder.adapter_files(adapter)[0]
+        try:
+            read_tensors(weights)  # small; a damaged file is named as such, not as "does not fit"
+        except DataError as e:
+            raise InferenceError(f"{where}: the adapter cannot be read: {e}") from None
         try:
             model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
         except (OSError, ValueError, RuntimeError, KeyError) as e:

@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 from ..errors import DataError, ModelError, RecipeError
+from ..files import read_tensors
 from ..model.projector import load_projector, projector_state, read_projector
 from ..run.folder import RunFolder, write_projector
 
@@ -35,7 +36,6 @@ def save_trainable(model, folder: Path) -> None:
 def load_trainable(model, folder: Path) -> None:
     """Put a checkpoint's adapter and projector back into ``model`` (the inverse of :func:`save_trainable`)."""
     from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     if not RunFolder.is_complete(folder):
         raise ModelError(f"checkpoint '{folder}' is incomplete (saving was interrupted); resume from an earlier one")
@@ -43,7 +43,11 @@ def load_trainable(model, folder: Path) -> None:
     load_projector(model, read_projector(source), source)
     adapter, _ = RunFolder.adapter_files(folder)
     if adapter.is_file():
-        result = set_peft_model_state_dict(model, load_file(str(adapter)))
+        try:
+            weights = read_tensors(adapter)
+        except DataError as e:
+            raise ModelError(f"checkpoint '{folder}': {e}") from None
+        result = set_peft_model_state_dict(model, weights)
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise ModelError(f"checkpoint '{folder}': adapter weights that this model does not have: {unexpected[:3]}")

@@ -132,7 +132,7 @@ def test_generate_on_run_and_export_agree(run16, shapes_data, tmp_path):
     assert a == b
 
 
-def test_bad_input(run16, tmp_path, tiny_llava):
+def test_bad_input(run16, tmp_path, tiny_llava, pickled_llava):
     with pytest.raises(MergeError, match="run folder '.*nowhere' does not exist"):
         merge(tmp_path / "nowhere", tmp_path / "o")
     no_adapter = tmp_path / "no_adapter"
@@ -152,6 +152,15 @@ def test_bad_input(run16, tmp_path, tiny_llava):
     with pytest.raises(MergeError, match=r"does not fit this base: model\.language_model\.layers\.0\.\S+ is "
                                          r"\(\d+, \d+\) in '.*wide' but the adapter's LoRA is \d+x\d+"):
         merge(run16.output_dir, tmp_path / "o", base=str(wide))
+    # A pickle as the base is never unpickled; a damaged adapter is named.
+    with pytest.raises(MergeError, match="pytorch_model.bin: a pickle that holds Python objects besides tensors"):
+        merge(run16.output_dir, tmp_path / "o", base=str(pickled_llava), progress=False)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run16.output_dir, damaged)
+    weights = damaged / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(MergeError, match=f"{weights}: not a readable safetensors file"):
+        merge(damaged, tmp_path / "o")
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.partial-*"))
 
 

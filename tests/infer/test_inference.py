@@ -226,7 +226,7 @@ def test_original_llava_layout(tiny_llava, vicuna_tokenizer, eval_set, tmp_path)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
-def test_load_errors_name_the_path(runs, run16, tmp_path):
+def test_load_errors_name_the_path(runs, run16, tmp_path, pickled_llava):
     with pytest.raises(InferenceError, match=f"'{tmp_path / 'nowhere'}' does not exist"):
         load_for_inference(tmp_path / "nowhere")
     (tmp_path / "file.txt").write_text("x")
@@ -245,6 +245,16 @@ def test_load_errors_name_the_path(runs, run16, tmp_path):
         load_for_inference(broken)
     with pytest.raises(InferenceError, match="bits: got 5"):
         load_for_inference(run16, bits=5)
+    # A damaged adapter file is named as such (it was "does not fit the base model"); a pickle is never unpickled.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run16, damaged)
+    weights = damaged / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(InferenceError, match=f"adapter cannot be read: {weights}: not a readable safetensors file"):
+        load_for_inference(damaged)
+    with pytest.raises(InferenceError, match=f"'{pickled_llava}' has .bin weights that pickle Python objects .* never "
+                                             "unpickles"):
+        load_for_inference(pickled_llava)
 
 
 def test_stage1_run_captions_each_image_alone(runs, eval_set):
