@@ -146,6 +146,23 @@ def save_run(output_dir: Path, recipe, model, processor, trainer, data_report) -
     run.write_loss_plot(trainer.state.log_history)
 
 
+def _interrupted(recipe, output: RunFolder, step: int, replaced: Path | None) -> str:
+    """What an interrupted run leaves, and how to go on."""
+    checkpoint = output.last_checkpoint()
+    if checkpoint is not None:
+        text = (f"training stopped at step {step}; the newest complete checkpoint is '{checkpoint}': continue with "
+                "`lora-llava sft RECIPE --resume auto`, or use it with merge / chat / generate")
+    else:
+        strategy = getattr(recipe.train.save_strategy, "value", recipe.train.save_strategy)
+        when = "never saves during training" if strategy == "no" else \
+            f"saves every {recipe.train.save_steps} steps" if strategy == "steps" else f"saves each {strategy}"
+        text = (f"training stopped at step {step}; nothing trained was saved (no checkpoint yet: train.save_strategy "
+                f"'{strategy}' {when}); '{output.path}' holds only the recipe and processor")
+    if replaced is not None:
+        text += f"; the run it was to replace (--overwrite) is kept in '{replaced}'"
+    return text
+
+
 def train(recipe, train_records: Iterable[dict] | None = None, eval_records: Iterable[dict] | None = None,
           resume: str | None = None, callbacks: Sequence[Any] = (), overwrite: bool = False) -> TrainResult:
     """Run a recipe end to end: setup, train, save. Returns a :class:`TrainResult`.
@@ -225,7 +242,11 @@ def train(recipe, train_records: Iterable[dict] | None = None, eval_records: Ite
                        "with flash_attention_2", summary["attention"])
     if checkpoint is not None:
         logger.info("resuming from %s", checkpoint)
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    except KeyboardInterrupt:
+        # Ctrl-C: say what is left to continue from (or that nothing is), instead of a bare "interrupted".
+        raise KeyboardInterrupt(_interrupted(recipe, output, trainer.state.global_step, replaced)) from None
     out = Path(args.output_dir)
     main = trainer.is_world_process_zero()
     if main:

@@ -176,3 +176,35 @@ def test_eval_strategy_without_eval_data_fails_before_loading(make_recipe, capsy
     assert main(["sft", str(path)]) == 2
     assert "train.eval_strategy: 'steps' needs evaluation data (data.eval" in capsys.readouterr().err
     assert not Path(raw["train"]["output_dir"]).exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize("save", ["no", "steps"])
+def test_ctrl_c_says_what_is_left_to_continue_from(make_recipe, save, monkeypatch, capsys):
+    from transformers import TrainerCallback
+
+    class CtrlC(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    raw = make_recipe(quant={"bits": 16}, train={"max_steps": 6, "save_strategy": save, "save_steps": 2})
+    with pytest.raises(KeyboardInterrupt) as info:
+        train(recipe_from_dict(raw), callbacks=[CtrlC()])
+    message = str(info.value)
+    folder = Path(raw["train"]["output_dir"])
+    if save == "no":
+        assert message.startswith("training stopped at step 3; nothing trained was saved") and "'no'" in message
+        assert not list(folder.glob("checkpoint-*"))
+    else:
+        assert f"the newest complete checkpoint is '{folder / 'checkpoint-2'}'" in message
+        assert "--resume auto" in message
+    # The command prints it on a line of its own (a progress bar may hold the current one) and exits 130.
+    from lora_llava.cli import main as cli
+
+    def interrupted(args):
+        raise info.value
+
+    monkeypatch.setitem(cli.COMMANDS, "report", (interrupted, "", lambda p: p.add_argument("run_dir")))
+    capsys.readouterr()
+    assert cli.main(["report", "x"]) == 130
+    assert capsys.readouterr().err == f"\ninterrupted: {message}\n"
