@@ -8,9 +8,11 @@ nothing), never a partial one.
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,22 +47,55 @@ def write_text_atomic(final: str | Path, text: str) -> Path:
     return write_atomic(final, lambda p: p.write_text(text, encoding="utf-8"))
 
 
+def _owner() -> str:
+    """``PID@HOST``: who made a temporary folder (so a later process can tell a dead one's leftovers)."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(final: Path) -> None:
+    """Remove the temporary folders that a killed (SIGKILL, power loss) writer of ``final`` on this machine left
+    beside it: ``.NAME.partial-PID@HOST-*`` of a process that no longer runs, and ``.NAME.old-PID@HOST-*`` (an old
+    copy already replaced) when ``final`` is in place. Folders of running processes and of other machines stay."""
+    host = socket.gethostname()
+    for kind in ("partial", "old"):
+        prefix = f".{final.name}.{kind}-"
+        for path in final.parent.glob(f"{glob.escape(prefix)}*@{glob.escape(host)}-*"):
+            pid, _, rest = path.name[len(prefix):].partition("@")
+            if not pid.isdigit() or not rest.startswith(f"{host}-") or _pid_alive(int(pid)):
+                continue
+            if kind == "old" and not final.exists():
+                continue  # killed between the two renames: this is the only copy
+            shutil.rmtree(path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | Path, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary sibling folder; it becomes ``final`` only if the block succeeds.
 
     An existing ``final`` is replaced only when ``replace`` (it is moved aside first and deleted after the rename, so
-    ``final`` is never missing while the old one is still readable).
+    ``final`` is never missing while the old one is still readable). Temporary folders that a killed earlier writer
+    of ``final`` left are removed first.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    _remove_stale(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-{_owner()}-", dir=final.parent))
     try:
         yield tmp
         if final.exists() or final.is_symlink():
             if not replace:
                 raise FileExistsError(f"'{final}' exists")
-            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-{_owner()}-", dir=final.parent))
             os.replace(final, old / final.name)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)

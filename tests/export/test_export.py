@@ -265,3 +265,23 @@ def test_overwrite_replaces_only_an_earlier_export_and_an_export_is_no_base(run1
         merge(runs / "a", tmp_path / "twice", base=str(export), progress=False)
     assert main(["merge", str(runs / "a"), "--out", str(tmp_path / "twice"), "--base", str(export)]) == 1
     assert not (tmp_path / "twice").exists()
+
+
+def test_leftovers_of_a_killed_merge_are_cleaned(run16, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    host = socket.gethostname()
+    stale = tmp_path / f".o.partial-{dead}@{host}-x1"  # what a SIGKILLed merge leaves
+    running = tmp_path / f".o.partial-{os.getpid()}@{host}-x2"  # a merge still writing
+    elsewhere = tmp_path / f".o.partial-{dead}@another-host-x3"  # a process of another machine (shared disk)
+    for folder in (stale, running, elsewhere):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    merge(run16.output_dir, tmp_path / "o", dtype="fp32", progress=False)
+    assert not stale.exists() and running.exists() and elsewhere.exists()
+    assert sorted(p.name for p in tmp_path.glob(".o.*")) == sorted([running.name, elsewhere.name])
