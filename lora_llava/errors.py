@@ -9,7 +9,7 @@ catches bad input as ``ValueError`` keeps working.
 from __future__ import annotations
 
 __all__ = ["DataError", "ImageError", "InferenceError", "LaunchError", "LoraLlavaError",
-           "MergeError", "ModelError", "PlanError", "RecipeError", "ReportError", "UsageError"]
+           "MergeError", "ModelError", "PlanError", "RecipeError", "ReportError", "StorageError", "UsageError"]
 
 
 class LoraLlavaError(ValueError):
@@ -66,6 +66,11 @@ class MergeError(ModelError):
 
 class InferenceError(ModelError):
     """A model folder that cannot be loaded for inference, or a conversation that cannot be asked; names the path."""
+
+
+class StorageError(LoraLlavaError):
+    """A run folder that could not be written while training (disk full, quota, permissions); names the folder and
+    what is left to continue from."""
 
 
 class ReportError(LoraLlavaError):

@@ -7,7 +7,9 @@ and writes the run folder at the end.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ from typing import Any
 import torch
 
 from ..data import LlavaDataset
-from ..errors import DataError, LaunchError, RecipeError
+from ..errors import DataError, LaunchError, RecipeError, StorageError
 from ..llava.spec import config_image_token_id, config_image_tokens
 from ..model.projector import projector_state
 from ..model.runtime import resolve_dtype
@@ -146,18 +148,43 @@ def save_run(output_dir: Path, recipe, model, processor, trainer, data_report) -
     run.write_loss_plot(trainer.state.log_history)
 
 
-def _interrupted(recipe, output: RunFolder, step: int, replaced: Path | None) -> str:
-    """What an interrupted run leaves, and how to go on."""
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+_BYTES_PER_TRAINABLE = 4 + 8  # fp32 weights + Adam's two moments, what a checkpoint holds per trainable parameter
+
+
+def _warn_free_space(folder: Path, recipe, args, summary: dict[str, Any]) -> None:
+    """Warn (before step 1) when the checkpoints and final save will not fit on the output folder's disk (roughly:
+    optimizer state and trainable weights per checkpoint; the frozen base is never saved)."""
+    t = recipe.train
+    strategy = str(getattr(t.save_strategy, "value", t.save_strategy))
+    per_checkpoint = summary["trainable"] * _BYTES_PER_TRAINABLE
+    if strategy == "steps" and args.max_steps > 0:
+        steps = t.save_steps if t.save_steps >= 1 else max(1, int(t.save_steps * args.max_steps))
+        count = max(1, args.max_steps // steps)
+    else:
+        count = 0 if strategy == "no" else 1  # per epoch, or steps without max_steps: at least one
+    if t.save_total_limit:
+        count = min(count, t.save_total_limit)
+    need = count * per_checkpoint + summary["trainable"] * 4  # + the final adapter and projector
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        logger.warning("'%s' has %.2f GB free, but this run will write about %.2f GB (%d checkpoints of ~%.2f GB and "
+                       "the final weights); free some space, set train.save_total_limit, or save less often",
+                       folder, free / 1e9, need / 1e9, count, per_checkpoint / 1e9)
+
+
+def _what_is_left(recipe, output: RunFolder, replaced: Path | None) -> str:
+    """What a run that stopped early leaves, and how to go on."""
     checkpoint = output.last_checkpoint()
     if checkpoint is not None:
-        text = (f"training stopped at step {step}; the newest complete checkpoint is '{checkpoint}': continue with "
-                "`lora-llava sft RECIPE --resume auto`, or use it with merge / chat / generate")
+        text = (f"the newest complete checkpoint is '{checkpoint}': continue with `lora-llava sft RECIPE --resume "
+                "auto`, or use it with merge / chat / generate")
     else:
         strategy = getattr(recipe.train.save_strategy, "value", recipe.train.save_strategy)
         when = "never saves during training" if strategy == "no" else \
             f"saves every {recipe.train.save_steps} steps" if strategy == "steps" else f"saves each {strategy}"
-        text = (f"training stopped at step {step}; nothing trained was saved (no checkpoint yet: train.save_strategy "
-                f"'{strategy}' {when}); '{output.path}' holds only the recipe and processor")
+        text = (f"nothing trained was saved (no checkpoint yet: train.save_strategy '{strategy}' {when}); "
+                f"'{output.path}' holds only the recipe and processor")
     if replaced is not None:
         text += f"; the run it was to replace (--overwrite) is kept in '{replaced}'"
     return text
@@ -242,15 +269,27 @@ def train(recipe, train_records: Iterable[dict] | None = None, eval_records: Ite
                        "with flash_attention_2", summary["attention"])
     if checkpoint is not None:
         logger.info("resuming from %s", checkpoint)
-    try:
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
-    except KeyboardInterrupt:
-        # Ctrl-C: say what is left to continue from (or that nothing is), instead of a bare "interrupted".
-        raise KeyboardInterrupt(_interrupted(recipe, output, trainer.state.global_step, replaced)) from None
+    if launch.is_main:
+        _warn_free_space(output.path, recipe, args, summary)
     out = Path(args.output_dir)
     main = trainer.is_world_process_zero()
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+        if main:
+            save_run(out, recipe, trainer.model, processor, trainer, train_ds.report)
+    except KeyboardInterrupt:
+        # Ctrl-C: say what is left to continue from (or that nothing is), instead of a bare "interrupted".
+        raise KeyboardInterrupt(f"training stopped at step {trainer.state.global_step}; "
+                                f"{_what_is_left(recipe, output, replaced)}") from None
+    except OSError as e:
+        if e.errno not in _STORAGE_ERRNOS:
+            raise
+        # A checkpoint cut short is never marked complete, and each run file is written atomically: what was
+        # complete before stays usable.
+        raise StorageError(f"writing to '{output.path}' failed at step {trainer.state.global_step} "
+                           f"({e.strerror or e}{f': {e.filename}' if e.filename else ''}); "
+                           + _what_is_left(recipe, output, replaced)) from None
     if main:
-        save_run(out, recipe, trainer.model, processor, trainer, train_ds.report)
         output.remove_set_aside(replaced)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     result = TrainResult(out, trainer.model, processor, losses, summary, main)
