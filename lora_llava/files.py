@@ -1,4 +1,5 @@
-"""Files written so that a reader never sees half of one, and the one JSON / JSONL reader whose errors name the line.
+"""Files written so that a reader never sees half of one, the one JSON / JSONL reader whose errors name the line, and
+the one reader of tensor files (safetensors, weights-only pickles).
 
 Every file and folder lora-llava writes goes through :func:`write_atomic` or :func:`atomic_dir`: written under a
 temporary name beside the target and renamed onto it at the end, so an interrupted command leaves the old file (or

@@ -113,7 +113,8 @@ class _Run:
     def __init__(self, run_dir: Path):
         run = RunFolder.open(run_dir)
         if not run.path.is_dir():
-            raise MergeError(f"run folder '{run_dir}' does not exist")
+            raise MergeError(f"run folder '{run_dir}' " + ("is a file, not a folder" if run.path.exists() else
+                                                           "does not exist"))
         if not run.is_run():
             raise MergeError(f"'{run_dir}' is not a lora-llava run folder (no {run.recipe_file.name}) nor a checkpoint "
                              "of one (RUN/checkpoint-N)")

@@ -61,7 +61,8 @@ def run_report(run_dir: str | Path) -> dict[str, Any]:
     """Figures of a run folder: steps, epochs, final / min loss, tokens, throughput, peak memory, wall time."""
     run = RunFolder(run_dir)
     if not run.path.is_dir():
-        raise ReportError(f"run folder '{run_dir}' does not exist")
+        raise ReportError(f"run folder '{run_dir}' " + ("is a file, not a folder" if run.path.exists() else
+                                                        "does not exist"))
     state_path, state = _state(run)
     history = state.get("log_history", [])
     losses = [(h["step"], h["loss"]) for h in history if "loss" in h]

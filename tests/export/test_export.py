@@ -135,6 +135,9 @@ def test_generate_on_run_and_export_agree(run16, shapes_data, tmp_path):
 def test_bad_input(run16, tmp_path, tiny_llava, pickled_llava):
     with pytest.raises(MergeError, match="run folder '.*nowhere' does not exist"):
         merge(tmp_path / "nowhere", tmp_path / "o")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(MergeError, match="run folder '.*a-file' is a file, not a folder"):
+        merge(tmp_path / "a-file", tmp_path / "o")
     no_adapter = tmp_path / "no_adapter"
     shutil.copytree(run16.output_dir, no_adapter)
     shutil.rmtree(no_adapter / "adapter")

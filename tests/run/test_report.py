@@ -43,6 +43,9 @@ def test_report_cli_names_a_folder_without_state(tmp_path, capsys):
 
     assert main(["report", str(tmp_path)]) == 1
     assert "holds no trainer_state.json" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")
+    assert main(["report", str(tmp_path / "a-file")]) == 1
+    assert f"run folder '{tmp_path / 'a-file'}' is a file, not a folder" in capsys.readouterr().err
 
 
 def test_report_names_a_damaged_trainer_state(tmp_path, capsys):
