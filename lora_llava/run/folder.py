@@ -182,7 +182,10 @@ class RunFolder:
         files = self.run_files()
         if not files:
             return None
-        aside = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.replaced-", dir=self.path.parent))
+        try:
+            aside = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.replaced-", dir=self.path.parent))
+        except OSError:  # the folder above cannot be written: a hidden folder inside this one
+            aside = Path(tempfile.mkdtemp(prefix=".replaced-", dir=self.path))
         for f in files:
             os.replace(f, aside / f.name)
         return aside

@@ -223,17 +223,9 @@ def train(recipe, train_records: Iterable[dict] | None = None, eval_records: Ite
     check_output_dir(recipe, resume, checkpoint, overwrite)
     check_resumed_recipe(recipe, checkpoint)
     output = RunFolder(recipe.train.output_dir)
-    replaced = None
     if launch.is_main:
-        if overwrite and checkpoint is None:
-            replaced = output.set_aside()
-            if replaced is not None:
-                logger.warning("--overwrite: the previous run's files in %s are moved to %s and deleted once this run "
-                               "is saved (should this run fail, they stay there)",
-                            output.path, replaced)
         try:
             output.check_writable()  # before hours of training, not after
-            output.write_recipe(recipe)  # a killed run's checkpoints stay usable
         except OSError as e:
             raise RecipeError([f"train.output_dir: '{recipe.train.output_dir}' cannot be written "
                                f"({e.strerror or e})"], recipe.source) from None
@@ -251,8 +243,6 @@ def train(recipe, train_records: Iterable[dict] | None = None, eval_records: Ite
         with args.main_process_first(desc="demo model and data"):
             prepare_demo(recipe)
     model, processor = build_model(recipe, device_map(launch))
-    if launch.is_main:
-        start_run(output.path, recipe, model, processor)
     with args.main_process_first(desc="tokenizing"):
         train_ds, eval_ds = build_datasets(recipe, processor, model.config, train_records, eval_records)
     trainer = build_trainer(recipe, model, processor, train_ds.to_hf(),
@@ -269,7 +259,15 @@ def train(recipe, train_records: Iterable[dict] | None = None, eval_records: Ite
                        "with flash_attention_2", summary["attention"])
     if checkpoint is not None:
         logger.info("resuming from %s", checkpoint)
+    replaced = None
     if launch.is_main:
+        if overwrite and checkpoint is None:
+            # Only now, with the model and data ready: a run that fails to start leaves the old one in place.
+            replaced = output.set_aside()
+            if replaced is not None:
+                logger.warning("--overwrite: the previous run's files in %s are moved to %s and deleted once this run "
+                               "is saved (should this run fail, they stay there)", output.path, replaced)
+        start_run(output.path, recipe, model, processor)  # a killed run's checkpoints stay usable
         _warn_free_space(output.path, recipe, args, summary)
     out = Path(args.output_dir)
     main = trainer.is_world_process_zero()
