@@ -9,7 +9,7 @@ catches bad input as ``ValueError`` keeps working.
 from __future__ import annotations
 
 __all__ = ["DataError", "ImageError", "InferenceError", "JudgeError", "LaunchError", "LoraLlavaError",
-           "MergeError", "ModelError", "PlanError", "RecipeError", "ReportError", "UsageError"]
+           "MergeError", "ModelError", "PlanError", "RecipeError", "ReportError", "StorageError", "UsageError"]
 
 
 class LoraLlavaError(ValueError):
@@ -71,6 +71,11 @@ class InferenceError(ModelError):
 class JudgeError(LoraLlavaError):
     """A judge endpoint that cannot be used (unreachable after retries, a refused key); names the URL, never the
     key."""
+
+
+class StorageError(LoraLlavaError):
+    """A run folder that could not be written while training (disk full, quota, permissions); names the folder and
+    what is left to continue from."""
 
 
 class ReportError(LoraLlavaError):

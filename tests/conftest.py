@@ -42,6 +42,26 @@ def tiny_llava(tmp_path_factory):
     return make_demo_model(tmp_path_factory.mktemp("tiny") / "model", image_size=32, hidden_size=64)
 
 
+class _NotATensor:
+    """Pickled into a checkpoint: torch.load(weights_only=True) refuses it, as it refuses any Python object."""
+
+
+@pytest.fixture(scope="session")
+def pickled_llava(tiny_llava, tmp_path_factory):
+    """The tiny LLaVA with its weights as a pytorch_model.bin that pickles a Python object besides the tensors."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path_factory.mktemp("pickled") / "model"
+    shutil.copytree(tiny_llava, folder)
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save({**state, "extra": _NotATensor()}, str(folder / "pytorch_model.bin"))
+    return folder
+
+
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory):
     """(folder, train.json, eval.json) of a small coloured-shapes dataset."""

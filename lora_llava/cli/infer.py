@@ -131,6 +131,8 @@ def cmd_generate(args) -> int:
     if not Path(args.image_folder).is_dir():
         raise DataError(f"--image-folder: '{args.image_folder}' is not a folder")
     out = Path(args.out)
+    if out.is_dir():
+        raise UsageError(f"--out '{out}' is a folder; give the answers file's name (e.g. '{out / 'answers.jsonl'}')")
     model_id = args.model_id or Path(args.path).resolve().name
     questions = read_questions(args.questions, args.image_folder)
     loaded = load_for_inference(args.path, args.device, bits=args.bits)

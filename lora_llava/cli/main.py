@@ -85,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     except LoraLlavaError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        # On a line of its own: a progress bar may hold the current one.
+        print(f"\ninterrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the output went to `head` or a closed pager: stop quietly
         sys.stdout = open(os.devnull, "w")  # the interpreter flushes stdout at exit

@@ -52,7 +52,7 @@ def cmd_sft(args) -> int:
     _require_train_data(recipe, args.recipe)
     from ..train.sft import train
 
-    result = train(recipe, resume=args.resume)
+    result = train(recipe, resume=args.resume, overwrite=args.overwrite)
     if not result.main_process:
         return 0
     losses = result.losses
@@ -70,6 +70,10 @@ def sft_args(p: argparse.ArgumentParser) -> None:
                    help="continue a run: 'auto' = the newest complete checkpoint in train.output_dir (or start fresh "
                         "when there is none), or a checkpoint folder; weights, optimizer, scheduler, RNG and data "
                         "order are restored")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a finished run (or an unfinished run's checkpoints) in train.output_dir; without it "
+                        "sft refuses. Only the run's own files go: set aside at the start, deleted once the new run "
+                        "is saved")
 
 
 def cmd_plan(args) -> int:

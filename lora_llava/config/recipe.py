@@ -112,6 +112,20 @@ class Recipe:
             out[name] = values
         return out
 
+    def with_absolute_paths(self) -> Recipe:
+        """A copy whose model and data paths that exist here are absolute (Hub ids and missing paths stay as given),
+        so a run folder's recipe means the same from any working folder."""
+
+        def absolute(path):
+            return str(Path(path).resolve()) if isinstance(path, str) and path and Path(path).exists() else path
+
+        model = dataclasses.replace(self.model, **{k: absolute(getattr(self.model, k))
+                                                   for k in ("llava", "llm", "vision_tower", "projector")})
+        d = self.data
+        data = dataclasses.replace(d, train=[absolute(p) for p in d.train], eval=[absolute(p) for p in d.eval],
+                                   image_folder=absolute(d.image_folder))
+        return dataclasses.replace(self, model=model, data=data)
+
     def to_yaml(self) -> str:
         """The resolved recipe as YAML (what ``validate`` prints and each run folder keeps)."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None, width=120)

@@ -30,7 +30,9 @@ def type_name(typ: Any) -> str:
 
 
 def type_ok(value: Any, typ: Any) -> tuple[bool, Any]:
-    """Is ``value`` acceptable for ``typ``? Returns (ok, value converted where harmless: int -> float)."""
+    """Is ``value`` acceptable for ``typ``? Returns (ok, value converted where harmless: a whole float such as
+    ``100.0`` or ``1e3`` -> int for an int field). An int stays an int in a float field (``logging_steps: 5``, a
+    count there, not a ratio), so the resolved recipe prints what was written."""
     if typ is Any or typ is typing.Any:
         return True, value
     origin = typing.get_origin(typ)
@@ -65,11 +67,11 @@ def type_ok(value: Any, typ: Any) -> tuple[bool, Any]:
     if typ is bool:
         return isinstance(value, bool), value
     if typ is int:
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
         return isinstance(value, int) and not isinstance(value, bool), value
     if typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        return False, value
+        return isinstance(value, (int, float)) and not isinstance(value, bool), value
     if typ is str:
         return isinstance(value, str), value
     if isinstance(typ, type) and issubclass(typ, enum.Enum):

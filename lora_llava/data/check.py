@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -148,6 +149,10 @@ def check_data(paths: Iterable[str | Path], image_folder: str | Path | None, tem
         raise UsageError(f"image folder '{image_folder}' is not a folder")
     if dump is not None and not Path(dump).parent.is_dir():
         raise UsageError(f"dump file '{dump}': folder '{Path(dump).parent}' does not exist")
+    if dump is not None and Path(dump).is_dir():
+        raise UsageError(f"--dump '{dump}' is a folder; give a file name (e.g. '{Path(dump) / 'dump.jsonl'}')")
+    if dump is not None and not os.access(Path(dump).parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--dump '{dump}': folder '{Path(dump).parent}' cannot be written")
     if workers < 1 or num_image_tokens < 1 or (max_length is not None and max_length < 1):
         raise UsageError("workers, num_image_tokens and max_length must be at least 1")
     try:

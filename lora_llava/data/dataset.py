@@ -3,7 +3,11 @@
 Records are validated in the main process (cheap: schema only). Tokenization runs as a ``datasets`` map whose result
 is an Arrow file keyed by a fingerprint of everything that affects the tokens (records, tokenizer vocabulary,
 template, max length, image tokens, image placement, lora-llava version): a second run over the same data reads the
-cache instead of tokenizing again. Images are not opened here; the collator decodes them in DataLoader workers.
+cache instead of tokenizing again. The cache holds no verdict about images: on every run the images of the samples
+that would train are checked again (existence and header, cheap), and decoded once per set of unchanged files (the
+verdicts are kept beside the tokenized data, keyed by the files' paths, sizes and times), so a missing, replaced or
+undecodable image is skipped or refused before training, never met mid-run. The collator decodes them for training
+in DataLoader workers.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, ImageError
-from ..files import cache_root
-from .images import resolve_image_path
+from ..files import cache_root, read_json, write_text_atomic
+from .images import load_image, probe_image
 from .report import DataReport, Problem
 from .sources import Sample, iter_raw, place_image, sample_from_record
 from .templates import Template, get_template
@@ -31,6 +35,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["LlavaDataset", "default_cache_dir"]
 
 _AUTO_PROC_MIN = 5000  # below this many samples, worker processes cost more than they save
+_CACHE_FORMAT = 2  # 2: rows keep 'where'; image checks left out of the tokenization (they are redone every run)
 
 
 def default_cache_dir() -> Path:
@@ -73,10 +78,6 @@ def _encode_batch(batch: dict[str, list], tokenizer, template: Template, image_t
         sample = Sample(id=sid, turns=place_image(turns, image_position, rng), images=images, where=where)
         ids, labels, truncated, status = [], [], False, ""
         try:
-            for rel in images:
-                path = resolve_image_path(image_folder, rel)
-                if not path.is_file():
-                    raise ImageError(f"image '{rel}' not found (looked at '{path}')")
             enc = encode_sample(sample, tokenizer, template, image_token_id, num_image_tokens, max_length)
             ids, labels, truncated = enc.input_ids, enc.labels, enc.truncated
         except SampleTooLong as e:
@@ -97,12 +98,62 @@ def _fingerprint(samples: list[Sample], tokenizer, template: Template, **setting
 
     h = hashlib.sha256()
     vocab = sorted(tokenizer.get_vocab().items())
-    h.update(json.dumps([__version__, type(tokenizer).__name__, vocab, template.name, template.system,
+    h.update(json.dumps([__version__, _CACHE_FORMAT, type(tokenizer).__name__, vocab, template.name, template.system,
                          list(template.roles), template.stop, getattr(template.render_fn, "__qualname__", ""),
                          settings], sort_keys=True, default=str).encode())
     for s in samples:
         h.update(json.dumps([s.id, s.turns, s.images, s.where]).encode())
     return h.hexdigest()[:24]
+
+
+def _decode_problem(job: tuple[str | None, str]) -> str | None:
+    """Why one image cannot be decoded, or None (module level, so a process pool can run it)."""
+    folder, relative = job
+    try:
+        load_image(folder, relative, aspect="resize")  # no padding: only whether it decodes matters here
+    except ImageError as e:
+        return str(e)
+    return None
+
+
+def _image_problems(files: set[str], image_folder: str | None, cache_folder: Path | None,
+                    num_proc: int) -> dict[str, str]:
+    """``{image: problem}`` of ``files``, found again on every run: each image's existence and header (cheap, every
+    time), and a full decode, whose verdicts are kept in ``cache_folder`` for exactly these files (path, size,
+    modification time): unchanged images are not decoded twice, a changed one is."""
+    problems: dict[str, str] = {}
+    stats: dict[str, list[int]] = {}
+    for rel in sorted(files):
+        try:
+            st = probe_image(image_folder, rel)
+        except ImageError as e:
+            problems[rel] = str(e)
+            continue
+        stats[rel] = [st.st_size, st.st_mtime_ns, st.st_ino]
+    if not stats:
+        return problems
+    key = hashlib.sha256(json.dumps([_CACHE_FORMAT, str(image_folder), sorted(stats.items())]).encode()).hexdigest()
+    verdicts = cache_folder / f"images-{key[:24]}.json" if cache_folder is not None else None
+    decoded = None
+    if verdicts is not None and verdicts.is_file():
+        try:
+            decoded = read_json(verdicts, dict)
+        except DataError:
+            decoded = None  # a damaged verdict file: decode again
+    if decoded is None:
+        jobs = [(image_folder, rel) for rel in stats]
+        if num_proc > 1 and len(jobs) >= _AUTO_PROC_MIN:
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(num_proc) as pool:
+                results = list(pool.map(_decode_problem, jobs, chunksize=256))
+        else:
+            results = [_decode_problem(job) for job in jobs]
+        decoded = {rel: problem for (_, rel), problem in zip(jobs, results) if problem}
+        if verdicts is not None:
+            write_text_atomic(verdicts, json.dumps(decoded))
+    problems.update(decoded)
+    return problems
 
 
 class LlavaDataset:
@@ -141,6 +192,7 @@ class LlavaDataset:
         if num_proc is None:
             num_proc = min(os.cpu_count() or 1, 16) if len(checked) >= _AUTO_PROC_MIN else 1
         map_kwargs: dict[str, Any] = {}
+        folder = None
         if cache_dir is not False:
             folder = Path(cache_dir) if cache_dir not in (None, True) else default_cache_dir()
             folder.mkdir(parents=True, exist_ok=True)
@@ -155,9 +207,16 @@ class LlavaDataset:
             encoded = raw.map(
                 _encode_batch, batched=True, batch_size=256, num_proc=num_proc if num_proc > 1 else None,
                 fn_kwargs=dict(tokenizer=tokenizer, template=self.template, **settings),
-                remove_columns=["roles", "values", "where"], desc="tokenizing", **map_kwargs,
+                remove_columns=["roles", "values"], desc="tokenizing", **map_kwargs,
             )
-        statuses = encoded["status"]
+        statuses = list(encoded["status"])
+        files = {f for status, images in zip(statuses, encoded["image_files"]) if not status for f in images}
+        bad = _image_problems(files, settings["image_folder"], folder, num_proc) if files else {}
+        if bad:
+            for i, (where, images) in enumerate(zip(encoded["where"], encoded["image_files"])):
+                hit = next((f for f in images if f in bad), None) if not statuses[i] else None
+                if hit is not None:
+                    statuses[i] = f"error:{where}: {bad[hit]}"
         errors = [s[len("error:"):] for s in statuses if s.startswith("error:")]
         if errors and on_bad_sample == "error":
             raise DataError(errors[0])
@@ -167,8 +226,8 @@ class LlavaDataset:
             if s.startswith("too_long:"):
                 logger.debug("dropped: %s", s[len("too_long:"):])
         keep = [i for i, s in enumerate(statuses) if not s]
-        self.rows = encoded.select(keep).remove_columns(["status"]) if len(keep) < len(encoded) else \
-            encoded.remove_columns(["status"])
+        self.rows = encoded.select(keep).remove_columns(["status", "where"]) if len(keep) < len(encoded) else \
+            encoded.remove_columns(["status", "where"])
         self.report.kept = len(keep)
         self.report.with_image = sum(self.rows["has_image"]) if keep else 0
         self.report.text_only = self.report.kept - self.report.with_image

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -10,7 +11,8 @@ from PIL import Image
 from ..errors import ImageError
 from ..llava.constants import CLIP_MEAN
 
-__all__ = ["MAX_PIXELS", "expand_to_square", "load_image", "mean_fill", "resolve_image_path", "to_rgb"]
+__all__ = ["MAX_PIXELS", "expand_to_square", "load_image", "mean_fill", "probe_image", "resolve_image_path",
+           "to_rgb"]
 MAX_PIXELS = 64_000_000
 """Images larger than this are refused (decompression-bomb guard); a 336 px model never needs more."""
 
@@ -24,6 +26,26 @@ def resolve_image_path(root: str | Path | None, relative: str) -> Path:
     if path != root and root not in path.parents:
         raise ImageError(f"image path '{relative}' leaves the image folder '{root}'")
     return path
+
+
+def probe_image(root: str | Path | None, relative: str) -> os.stat_result:
+    """Cheap checks of an image, without decoding its pixels: it exists under ``root``, its header names a format PIL
+    reads and a size within :data:`MAX_PIXELS`. Returns the file's ``stat`` (size and time tell a changed file)."""
+    path = resolve_image_path(root, relative)
+    if not path.is_file():
+        raise ImageError(f"image '{relative}' not found (looked at '{path}')")
+    stat = path.stat()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                if im.width * im.height > MAX_PIXELS:
+                    raise ImageError(f"image '{relative}' is {im.width}x{im.height}, over the {MAX_PIXELS} pixel limit")
+    except ImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
+        raise ImageError(f"image '{relative}' cannot be decoded ({e})") from None
+    return stat
 
 
 def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from ..errors import MergeError
-from ..files import read_json
+from ..errors import DataError, MergeError
+from ..files import read_json, read_tensors
 from ..llava.constants import DEFAULT_VISION_TOWER, padded_vocab
 from ..llava.layouts import EXPORT_INFO_FILE, to_hf, to_internal, to_original
 from ..llava.spec import ModelSpec, llava_config, looks_local
@@ -33,7 +33,7 @@ from .safetensors_io import ShardWriter, iter_tensors, largest_shard, low_memory
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MergeResult", "merge"]
+__all__ = ["MergeResult", "export_info", "merge"]
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -51,27 +51,79 @@ def _local(path: str, key: str) -> Path:
         raise MergeError(f"{key}: '{path}' could not be fetched ({e}); pass --base with a local copy") from None
 
 
+def export_info(folder: str | Path) -> dict[str, Any] | None:
+    """The ``lora_llava.json`` that :func:`merge` writes into an export (it names the run and the format); None when
+    ``folder`` is not such an export (a hand-written marker of a checkpoint, with a template only, is not one)."""
+    path = Path(folder) / EXPORT_INFO_FILE
+    if not path.is_file():
+        return None
+    try:
+        info = read_json(path, dict)
+    except ValueError:
+        return None
+    return info if info.get("format") in ("hf", "llava") and "run" in info else None
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """``--out`` may be new; an existing one only with ``--overwrite`` and only when it is an earlier export."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not overwrite:
+        raise MergeError(f"--out '{out}' exists; pass --overwrite to replace it")
+    if not out.is_dir():
+        raise MergeError(f"--out '{out}' is a file, not an earlier export: --overwrite replaces only a folder that "
+                         f"lora-llava merge wrote (with its {EXPORT_INFO_FILE}); choose another --out")
+    if export_info(out) is None:
+        raise MergeError(f"--out '{out}' is not an earlier lora-llava export (no {EXPORT_INFO_FILE} written by merge):"
+                         " --overwrite replaces only exports, never other folders; choose another --out (nothing was "
+                         "deleted)")
+
+
+def _check_base(base: str | None, run: _Run) -> None:
+    """``--base`` must be the model the run trained on, not an export (whose weights already hold a merged LoRA),
+    unless the run itself trained on that export."""
+    if base is None or not Path(base).is_dir():
+        return
+    info = export_info(base)
+    if info is None:
+        return
+    trained_on = run.recipe.model.llava or run.recipe.model.llm
+    if trained_on and Path(trained_on).is_dir() and Path(trained_on).resolve() == Path(base).resolve():
+        return
+    raise MergeError(f"--base '{base}' is a lora-llava export (merged from run '{info.get('run')}'): its weights "
+                     "already hold a merged LoRA adapter, and merging into it would apply one a second time. Give the "
+                     f"base model the run trained on (model.{'llava' if run.recipe.model.llava else 'llm'}: "
+                     f"'{trained_on}'), or leave --base out")
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # The run folder.
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return read_tensors(path)
+    except DataError as e:
+        raise MergeError(str(e)) from None
 
 
 class _Run:
     """What a run folder tells the merge: recipe, adapter (stage 2), projector, processor, the dtype it trained in."""
 
     def __init__(self, run_dir: Path):
-        run = RunFolder(run_dir)
+        run = RunFolder.open(run_dir)
         if not run.path.is_dir():
-            raise MergeError(f"run folder '{run_dir}' does not exist")
+            raise MergeError(f"run folder '{run_dir}' " + ("is a file, not a folder" if run.path.exists() else
+                                                           "does not exist"))
         if not run.is_run():
-            raise MergeError(f"'{run_dir}' is not a lora-llava run folder (no {run.recipe_file.name})")
+            raise MergeError(f"'{run_dir}' is not a lora-llava run folder (no {run.recipe_file.name}) nor a checkpoint "
+                             "of one (RUN/checkpoint-N)")
         self.run = run
         self.dir = run.path
         self.recipe = run.read_recipe()
-        if not run.projector_file.is_file():
-            raise MergeError(f"'{run_dir}' has no {run.projector_file.name}: the run did not finish saving")
-        from safetensors.torch import load_file
-
-        self.projector = {"model." + k: v for k, v in load_file(str(run.projector_file)).items()}
+        if not run.is_finished() or not run.projector_file.is_file():
+            raise MergeError(f"'{run_dir}' has no usable {run.projector_file.name}: {run.unfinished_hint()}")
+        self.projector = {"model." + k: v for k, v in _tensors(run.projector_file).items()}
         self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.scale = 0.0
         if self.recipe.train.stage == 2:
@@ -82,7 +134,7 @@ class _Run:
         weights, config = RunFolder.adapter_files(folder)
         if not weights.is_file() or not config.is_file():
             raise MergeError(f"'{self.dir}' is a stage-2 run without an adapter ({folder} with {config.name} "
-                             f"and {weights.name}): the run did not finish saving")
+                             f"and {weights.name}): {self.run.unfinished_hint()}")
         cfg = read_json(config, dict, "an adapter config (a JSON object)")
         if cfg.get("use_dora"):
             raise MergeError(f"{config}: DoRA adapters are not supported by lora-llava merge")
@@ -90,9 +142,7 @@ class _Run:
             raise MergeError(f"{config}: fan_in_fan_out adapters are not supported by lora-llava merge")
         r, alpha = cfg["r"], cfg["lora_alpha"]
         self.scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        from safetensors.torch import load_file
-
-        raw = load_file(str(weights))
+        raw = _tensors(weights)
         parts: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in raw.items():
             m = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$", key)
@@ -187,7 +237,9 @@ def merge(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: str =
     if dtype not in _DTYPES:
         raise MergeError(f"--dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
     out, out_dtype = Path(out), _DTYPES[dtype]
+    _check_out(out, overwrite)
     run = _Run(Path(run_dir))
+    _check_base(base, run)
     train_dtype = getattr(torch, run.info.get("dtype", "torch.bfloat16").removeprefix("torch."))
     round_trip = _dequantizer(run.recipe, train_dtype) if from_dequantized else None
     try:

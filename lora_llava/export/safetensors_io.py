@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from ..errors import MergeError
-from ..files import atomic_dir, read_json
+from ..errors import DataError, MergeError
+from ..files import atomic_dir, read_json, read_tensors
 
 __all__ = ["ShardWriter", "iter_tensors", "largest_shard", "low_memory_allocator", "read_safetensors",
            "release_memory", "shard_files", "staging", "write_safetensors"]
@@ -95,7 +95,11 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     dtypes = {v: k for k, v in _ST_DTYPES.items()}
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(min(n, 100_000_000)))
+            assert isinstance(header, dict)
+        except (ValueError, AssertionError):
+            raise MergeError(f"{path}: not a readable safetensors file (its header is damaged)") from None
         header.pop("__metadata__", None)
         start = 8 + n
         for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
@@ -104,6 +108,8 @@ def read_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             begin, end = entry["data_offsets"]
             f.seek(start + begin)
             buf = bytearray(f.read(end - begin))
+            if len(buf) != end - begin:
+                raise MergeError(f"{path}: tensor '{name}' is cut short (the file was not written to the end)")
             dtype = dtypes[entry["dtype"]]
             tensor = torch.frombuffer(buf, dtype=dtype) if buf else torch.empty(0, dtype=dtype)
             yield name, tensor.reshape(entry["shape"])
@@ -116,7 +122,10 @@ def iter_tensors(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
             yield from read_safetensors(path)
         else:
             # The reference's .bin shards: never unpickle arbitrary objects; mmap keeps one shard out of RAM.
-            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            try:
+                state = read_tensors(path, mmap=True)
+            except DataError as e:
+                raise MergeError(str(e)) from None
             yield from state.items()
             del state
 

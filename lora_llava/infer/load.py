@@ -12,7 +12,7 @@ import torch
 
 from ..data import get_template
 from ..errors import DataError, InferenceError, ModelError, RecipeError
-from ..files import read_json
+from ..files import read_json, read_tensors
 from ..llava.layouts import EXPORT_INFO_FILE, checkpoint_layout
 from ..llava.spec import read_config_dict
 from ..run.folder import RunFolder
@@ -86,7 +86,7 @@ def load_for_inference(path: str | Path, device: str | torch.device | None = Non
     if dtype is not None and dtype not in ("auto", "bfloat16", "float16", "float32"):
         raise InferenceError(f"dtype: got '{dtype}'; expected auto, bfloat16, float16 or float32")
     dev = _target_device(device)
-    if RunFolder(root).is_run():
+    if RunFolder.open(root).is_run():
         loaded = _load_run(root, bits, dtype, dev)
     elif RunFolder(root.parent).is_run() and RunFolder(root).projector_file.is_file():
         # A training checkpoint (RUN/checkpoint-N): the run's recipe with this checkpoint's adapter and projector.
@@ -135,8 +135,10 @@ def _load_run(root: Path, bits: int | None, dtype: str | None, dev: torch.device
     from ..model.loading import load_model
     from ..model.projector import load_projector, read_projector
 
-    run = RunFolder(root)
+    run = RunFolder.open(root)
     where = f"run folder '{root}'"
+    if not run.is_finished():
+        raise InferenceError(f"{where}: {run.unfinished_hint()}")
     overrides = ([f"quant.bits={bits}"] if bits is not None else []) + ([f"model.dtype={dtype}"] if dtype else [])
     try:
         recipe = run.read_recipe(overrides)
@@ -158,6 +160,11 @@ def _load_run(root: Path, bits: int | None, dtype: str | None, dev: torch.device
     except ModelError as e:
         raise InferenceError(f"{where}: {e}{_relative_paths_hint(recipe)}") from None
     if recipe.train.stage == 2:
+        weights = RunFolder.adapter_files(adapter)[0]
+        try:
+            read_tensors(weights)  # small; a damaged file is named as such, not as "does not fit"
+        except DataError as e:
+            raise InferenceError(f"{where}: the adapter cannot be read: {e}") from None
         try:
             model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
         except (OSError, ValueError, RuntimeError, KeyError) as e:

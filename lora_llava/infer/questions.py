@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..data import resolve_image_path
+from ..data import load_image, resolve_image_path
 from ..errors import DataError, ImageError, InferenceError
 from ..files import iter_jsonl
 from .chat import with_image_tag
@@ -18,13 +18,17 @@ def read_questions(path: str | Path, image_folder: str | Path | None) -> list[di
 
     Each record comes back with ``turns``: the one human turn to answer, ``<image>\\n`` put in front of the text when
     the record has an image and the text has no tag (as LLaVA's ``model_vqa`` does). Blank lines are skipped. Any
-    problem raises :class:`DataError` naming the file and line: not a JSON object, no ``question_id`` or ``text``, an
-    image that leaves ``image_folder`` or is not there, ``<image>`` tags that do not match the image.
+    problem raises :class:`DataError` naming the file and line: not a JSON object, no ``question_id`` or ``text``, a
+    ``question_id`` given twice (both lines named), an image that leaves ``image_folder``, is not there or cannot be
+    decoded (each image is decoded here, so nothing fails after answers were generated), ``<image>`` tags that do
+    not match the image.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"questions file '{path}' does not exist")
     records = []
+    seen: dict[str, int] = {}
+    decoded: set[str] = set()
     for number, record in iter_jsonl(path):
         where = f"{path}, line {number}"
         if not isinstance(record, dict):
@@ -32,6 +36,12 @@ def read_questions(path: str | Path, image_folder: str | Path | None) -> list[di
                             f"{type(record).__name__}")
         if record.get("question_id") is None:
             raise DataError(f"{where}: no question_id")
+        qid = record["question_id"]
+        key = repr(qid) if not isinstance(qid, (str, int)) else str(qid)
+        if key in seen:
+            raise DataError(f"{where}: question_id {qid!r} again (first on line {seen[key]}); each question needs its "
+                            "own id, or its answers cannot be told apart")
+        seen[key] = number
         text = record.get("text")
         if not isinstance(text, str) or not text.strip():
             raise DataError(f"{where}: text: expected the question as a non-empty string, got {text!r}")
@@ -45,6 +55,12 @@ def read_questions(path: str | Path, image_folder: str | Path | None) -> list[di
                 raise DataError(f"{where}: {e}") from None
             if not file.is_file():
                 raise DataError(f"{where}: image '{image}' not found (looked at '{file}')")
+            if image not in decoded:
+                try:
+                    load_image(image_folder, image, aspect="resize")
+                except ImageError as e:
+                    raise DataError(f"{where} (question_id {qid!r}): {e}") from None
+                decoded.add(image)
         try:
             turns = with_image_tag([("human", text)], image is not None)
         except InferenceError as e:

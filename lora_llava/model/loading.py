@@ -14,6 +14,7 @@ comes back with the model.
 from __future__ import annotations
 
 import logging
+import pickle
 from typing import Any
 
 import torch
@@ -43,13 +44,30 @@ def load_model(recipe, spec: ModelSpec | None = None, device_map: dict[str, Any]
     return _assemble(spec, rt)
 
 
+_LOAD_ERRORS = (RuntimeError, ValueError, OSError, pickle.UnpicklingError)
+"""What transformers' ``from_pretrained`` raises on weights it cannot read (damaged files, pickles)."""
+
+
+def _weights_error(key: str, path: str, e: Exception) -> ModelError:
+    """A :class:`ModelError` for weights that ``from_pretrained`` could not read."""
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
+        return ModelError(f"{key}: '{path}' has .bin weights that pickle Python objects besides tensors; lora-llava "
+                          "never unpickles those (it could run code): only safetensors and weights-only .bin files "
+                          "are read. Convert the checkpoint to safetensors where it was made (or from a source you "
+                          "trust)")
+    return ModelError(f"{key}: could not load the weights of '{path}' ({str(e).splitlines()[0][:300]})")
+
+
 def _load_llava_hf(spec: ModelSpec, rt: Runtime) -> tuple[Any, Any]:
     from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(
-        spec.path, config=LlavaConfig.from_dict(spec.config), dtype=rt.dtype, quantization_config=rt.bnb,
-        attn_implementation=rt.attn, device_map=rt.device_map, trust_remote_code=rt.remote,
-    )
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(
+            spec.path, config=LlavaConfig.from_dict(spec.config), dtype=rt.dtype, quantization_config=rt.bnb,
+            attn_implementation=rt.attn, device_map=rt.device_map, trust_remote_code=rt.remote,
+        )
+    except _LOAD_ERRORS as e:
+        raise _weights_error(spec.key, spec.path, e) from None
     processor = AutoProcessor.from_pretrained(spec.path, trust_remote_code=rt.remote)
     if processor.tokenizer.pad_token_id is None:
         raise ModelError(f"{spec.key}: the tokenizer of '{spec.path}' has no pad token; llava-hf checkpoints add "
@@ -113,8 +131,8 @@ def _assemble(spec: ModelSpec, rt: Runtime) -> tuple[Any, Any]:
                 weights, config=config, key_mapping=key_mapping, dtype=rt.dtype, quantization_config=rt.bnb,
                 attn_implementation=rt.attn, device_map=rt.device_map, output_loading_info=True,
             )
-    except (RuntimeError, ValueError, OSError) as e:
-        raise ModelError(f"{key}: could not load the weights of '{weights}' ({str(e).splitlines()[0][:300]})") from None
+    except _LOAD_ERRORS as e:
+        raise _weights_error(key, weights, e) from None
     expected_missing = ("model.vision_tower.",) + (() if projector_in_checkpoint else ("model.multi_modal_projector.",))
     missing = [k for k in info["missing_keys"] if not k.startswith(expected_missing)]
     if missing:
@@ -131,8 +149,8 @@ def _assemble(spec: ModelSpec, rt: Runtime) -> tuple[Any, Any]:
         try:
             tower = CLIPVisionModel.from_pretrained(vision, config=spec.vision_config, dtype=rt.dtype,
                                                     attn_implementation=rt.attn)
-        except (RuntimeError, ValueError, OSError) as e:
-            raise ModelError(f"{spec.vision_key}: could not load '{vision}' ({str(e).splitlines()[0][:300]})") from None
+        except _LOAD_ERRORS as e:
+            raise _weights_error(spec.vision_key, vision, e) from None
     device = model.get_input_embeddings().weight.device
     with torch.no_grad():
         model.model.vision_tower.load_state_dict(tower.state_dict())

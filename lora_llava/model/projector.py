@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelError
+from ..errors import DataError, ModelError
+from ..files import read_tensors
 from ..llava.layouts import projector_key
 
 __all__ = ["PROJECTOR_MODULE", "check_projector_shapes", "load_projector", "projector_parameters", "projector_state",
@@ -35,16 +36,13 @@ def read_projector(path: str | Path, key: str = "model.projector") -> dict[str, 
     if not p.is_file():
         raise ModelError(f"{key}: '{path}' does not exist (expected a run folder with projector.safetensors, "
                          "a .safetensors file or LLaVA's mm_projector.bin)")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        raw = load_file(str(p))
-    else:
-        # The reference saves mm_projector.bin with torch.save; never unpickle arbitrary objects from it.
-        try:
-            raw = torch.load(str(p), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
-            raise ModelError(f"{key}: '{path}' is not a tensor file ({e})") from None
+    # The reference saves mm_projector.bin with torch.save; never unpickle arbitrary objects from it.
+    try:
+        raw = read_tensors(p)
+    except DataError as e:
+        raise ModelError(f"{key}: {e}") from None
+    if not isinstance(raw, dict):
+        raise ModelError(f"{key}: '{path}' holds a {type(raw).__name__}, not a mapping of projector tensors")
     out = {}
     for name, tensor in raw.items():
         target = projector_key(name)

@@ -18,9 +18,43 @@ def _state(run: RunFolder) -> tuple[Path, dict[str, Any]]:
         raise ReportError(f"'{run.path}' holds no trainer_state.json (not a lora-llava run folder, or nothing was "
                           "saved)")
     try:
-        return path, read_json(path, dict, "a trainer state (a JSON object)")
+        state = read_json(path, dict, "a trainer state (a JSON object)")
     except DataError as e:
         raise ReportError(str(e)) from None
+    problem = _state_problem(state)
+    if problem:
+        raise ReportError(f"{path}: not a trainer state as transformers writes it ({problem}); the file is damaged")
+    return path, state
+
+
+_NUMBER = (int, float)
+# Fields of the state and of its log entries that the report reads, and the types they must have.
+_STATE_FIELDS = {"global_step": int, "max_steps": int, "epoch": _NUMBER}
+_ENTRY_FIELDS = {"step": int, "loss": _NUMBER, "eval_loss": _NUMBER, "learning_rate": _NUMBER,
+                 "train_runtime": _NUMBER, "tokens_seen": _NUMBER, "train_samples_per_second": _NUMBER}
+
+
+def _wrong_type(value: Any, expected) -> bool:
+    return value is not None and (isinstance(value, bool) or not isinstance(value, expected))
+
+
+def _state_problem(state: dict[str, Any]) -> str:
+    """What in a trainer state the report cannot read ('' when nothing)."""
+    for key, expected in _STATE_FIELDS.items():
+        if _wrong_type(state.get(key), expected):
+            return f"'{key}' is {state[key]!r}"
+    history = state.get("log_history", [])
+    if not isinstance(history, list):
+        return f"'log_history' is not a list ({type(history).__name__})"
+    for i, entry in enumerate(history):
+        if not isinstance(entry, dict):
+            return f"log_history[{i}] is not an object ({type(entry).__name__})"
+        for key, expected in _ENTRY_FIELDS.items():
+            if _wrong_type(entry.get(key), expected):
+                return f"log_history[{i}].{key} is {entry[key]!r}"
+        if ("loss" in entry or "eval_loss" in entry) and "step" not in entry:
+            return f"log_history[{i}] has a loss but no step"
+    return ""
 
 
 def run_report(run_dir: str | Path) -> dict[str, Any]:
@@ -28,7 +62,8 @@ def run_report(run_dir: str | Path) -> dict[str, Any]:
     headline scores of every ``eval/*/scores.json``."""
     run = RunFolder(run_dir)
     if not run.path.is_dir():
-        raise ReportError(f"run folder '{run_dir}' does not exist")
+        raise ReportError(f"run folder '{run_dir}' " + ("is a file, not a folder" if run.path.exists() else
+                                                        "does not exist"))
     state_path, state = _state(run)
     history = state.get("log_history", [])
     losses = [(h["step"], h["loss"]) for h in history if "loss" in h]

@@ -7,7 +7,9 @@ and writes the run folder at the end.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,13 +17,13 @@ from typing import Any
 import torch
 
 from ..data import LlavaDataset
-from ..errors import DataError, LaunchError, RecipeError
+from ..errors import DataError, LaunchError, RecipeError, StorageError
 from ..llava.spec import config_image_token_id, config_image_tokens
 from ..model.projector import projector_state
 from ..model.runtime import resolve_dtype
 from ..model.stage import build_model, model_summary
 from ..run.folder import RunFolder
-from .checkpoints import resolve_resume
+from .checkpoints import check_output_dir, check_resumed_recipe, resolve_resume
 from .launch import check_launch, detect_launch, device_map
 
 logger = logging.getLogger(__name__)
@@ -109,11 +111,26 @@ def _quiet_other_ranks(launch) -> None:
     datasets.disable_progress_bars()
 
 
+def _run_info(model) -> dict[str, Any]:
+    """What a merge needs to rebuild exactly what trained: the dtype the base was loaded (and quantized) in."""
+    from .. import __version__
+
+    return {"dtype": str(model.get_input_embeddings().weight.dtype), "lora_llava": __version__,
+            "vocab": model.get_input_embeddings().weight.shape[0]}
+
+
+def start_run(output_dir: Path, recipe, model, processor) -> None:
+    """What a run folder holds from the start (recipe, processor, run info), so that its checkpoints are usable
+    (merge, chat, generate) even when the run is killed before its final save."""
+    run = RunFolder(output_dir)
+    run.write_recipe(recipe)
+    run.write_folder(run.processor_dir, lambda tmp: processor.save_pretrained(str(tmp)))
+    run.write_json(run.info_file, _run_info(model))
+
+
 def save_run(output_dir: Path, recipe, model, processor, trainer, data_report) -> None:
     """Write what a run folder holds: recipe, adapter, projector, processor, trainer state, run info, data report,
     loss plot (see :class:`~lora_llava.run.folder.RunFolder`)."""
-    from .. import __version__
-
     run = RunFolder(output_dir)
     run.write_recipe(recipe)
     run.write_projector(projector_state(model))
@@ -121,9 +138,7 @@ def save_run(output_dir: Path, recipe, model, processor, trainer, data_report) -
         run.write_folder(run.adapter_dir, lambda tmp: model.save_pretrained(str(tmp), save_embedding_layers=False))
     run.write_folder(run.processor_dir, lambda tmp: processor.save_pretrained(str(tmp)))
     run.write_trainer_state(trainer.state)
-    # What a merge needs to rebuild exactly what trained: the dtype the base was loaded (and quantized) in.
-    info = {"dtype": str(model.get_input_embeddings().weight.dtype), "lora_llava": __version__,
-            "vocab": model.get_input_embeddings().weight.shape[0]}
+    info = _run_info(model)
     if torch.cuda.is_available():
         info["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
         info["gpu"] = torch.cuda.get_device_name()
@@ -132,14 +147,59 @@ def save_run(output_dir: Path, recipe, model, processor, trainer, data_report) -
     run.write_loss_plot(trainer.state.log_history)
 
 
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+_BYTES_PER_TRAINABLE = 4 + 8  # fp32 weights + Adam's two moments, what a checkpoint holds per trainable parameter
+
+
+def _warn_free_space(folder: Path, recipe, args, summary: dict[str, Any]) -> None:
+    """Warn (before step 1) when the checkpoints and final save will not fit on the output folder's disk (roughly:
+    optimizer state and trainable weights per checkpoint; the frozen base is never saved)."""
+    t = recipe.train
+    strategy = str(getattr(t.save_strategy, "value", t.save_strategy))
+    per_checkpoint = summary["trainable"] * _BYTES_PER_TRAINABLE
+    if strategy == "steps" and args.max_steps > 0:
+        steps = t.save_steps if t.save_steps >= 1 else max(1, int(t.save_steps * args.max_steps))
+        count = max(1, args.max_steps // steps)
+    else:
+        count = 0 if strategy == "no" else 1  # per epoch, or steps without max_steps: at least one
+    if t.save_total_limit:
+        count = min(count, t.save_total_limit)
+    need = count * per_checkpoint + summary["trainable"] * 4  # + the final adapter and projector
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        logger.warning("'%s' has %.2f GB free, but this run will write about %.2f GB (%d checkpoints of ~%.2f GB and "
+                       "the final weights); free some space, set train.save_total_limit, or save less often",
+                       folder, free / 1e9, need / 1e9, count, per_checkpoint / 1e9)
+
+
+def _what_is_left(recipe, output: RunFolder, replaced: Path | None) -> str:
+    """What a run that stopped early leaves, and how to go on."""
+    checkpoint = output.last_checkpoint()
+    if checkpoint is not None:
+        text = (f"the newest complete checkpoint is '{checkpoint}': continue with `lora-llava sft RECIPE --resume "
+                "auto`, or use it with merge / chat / generate")
+    else:
+        strategy = getattr(recipe.train.save_strategy, "value", recipe.train.save_strategy)
+        when = "never saves during training" if strategy == "no" else \
+            f"saves every {recipe.train.save_steps} steps" if strategy == "steps" else f"saves each {strategy}"
+        text = (f"nothing trained was saved (no checkpoint yet: train.save_strategy '{strategy}' {when}); "
+                f"'{output.path}' holds only the recipe and processor")
+    if replaced is not None:
+        text += f"; the run it was to replace (--overwrite) is kept in '{replaced}'"
+    return text
+
+
 def train(recipe, train_records: Iterable[dict] | None = None, eval_records: Iterable[dict] | None = None,
-          resume: str | None = None, callbacks: Sequence[Any] = ()) -> TrainResult:
+          resume: str | None = None, callbacks: Sequence[Any] = (), overwrite: bool = False) -> TrainResult:
     """Run a recipe end to end: setup, train, save. Returns a :class:`TrainResult`.
 
     ``train_records`` / ``eval_records`` (LLaVA-format dicts) replace ``data.train`` / ``data.eval`` when given.
     ``resume``: ``auto`` or a checkpoint folder (see :func:`resolve_resume`); the run continues exactly where the
     checkpoint left it (weights, optimizer, scheduler, RNG, data order). ``callbacks``: transformers
     ``TrainerCallback`` s added to the trainer (see :func:`~lora_llava.train.trainer.build_trainer`).
+
+    A ``train.output_dir`` that holds a finished run, or checkpoints, is refused unless the run is resumed or
+    ``overwrite``; then the old run's files are set aside and deleted only once the new run is saved.
 
     Under ``torchrun`` / ``accelerate launch`` every process calls this; rank 0 prepares the data (the others read
     its tokenization cache), prints, and writes the run folder.
@@ -158,14 +218,17 @@ def train(recipe, train_records: Iterable[dict] | None = None, eval_records: Ite
         raise RecipeError([f"train.eval_strategy: '{strategy}' needs evaluation data (data.eval, or eval_records "
                            "passed to train())"], recipe.source)
     _quiet_other_ranks(launch)
+    checkpoint = resolve_resume(recipe, resume)
+    check_output_dir(recipe, resume, checkpoint, overwrite)
+    check_resumed_recipe(recipe, checkpoint)
+    output = RunFolder(recipe.train.output_dir)
     if launch.is_main:
         try:
-            RunFolder(recipe.train.output_dir).check_writable()  # before hours of training, not after
+            output.check_writable()  # before hours of training, not after
         except OSError as e:
             raise RecipeError([f"train.output_dir: '{recipe.train.output_dir}' cannot be written "
                                f"({e.strerror or e})"], recipe.source) from None
     set_seed(recipe.train.seed)
-    checkpoint = resolve_resume(recipe, resume)
     # The arguments come first: they start the process group (and DeepSpeed ZeRO-3's partitioned loading) that
     # loading the model relies on.
     args = sft_config(recipe, resolve_dtype(recipe.model.dtype))
@@ -195,11 +258,36 @@ def train(recipe, train_records: Iterable[dict] | None = None, eval_records: Ite
                        "with flash_attention_2", summary["attention"])
     if checkpoint is not None:
         logger.info("resuming from %s", checkpoint)
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    replaced = None
+    if launch.is_main:
+        if overwrite and checkpoint is None:
+            # Only now, with the model and data ready: a run that fails to start leaves the old one in place.
+            replaced = output.set_aside()
+            if replaced is not None:
+                logger.warning("--overwrite: the previous run's files in %s are moved to %s and deleted once this run "
+                               "is saved (should this run fail, they stay there)", output.path, replaced)
+        start_run(output.path, recipe, model, processor)  # a killed run's checkpoints stay usable
+        _warn_free_space(output.path, recipe, args, summary)
     out = Path(args.output_dir)
     main = trainer.is_world_process_zero()
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+        if main:
+            save_run(out, recipe, trainer.model, processor, trainer, train_ds.report)
+    except KeyboardInterrupt:
+        # Ctrl-C: say what is left to continue from (or that nothing is), instead of a bare "interrupted".
+        raise KeyboardInterrupt(f"training stopped at step {trainer.state.global_step}; "
+                                f"{_what_is_left(recipe, output, replaced)}") from None
+    except OSError as e:
+        if e.errno not in _STORAGE_ERRNOS:
+            raise
+        # A checkpoint cut short is never marked complete, and each run file is written atomically: what was
+        # complete before stays usable.
+        raise StorageError(f"writing to '{output.path}' failed at step {trainer.state.global_step} "
+                           f"({e.strerror or e}{f': {e.filename}' if e.filename else ''}); "
+                           + _what_is_left(recipe, output, replaced)) from None
     if main:
-        save_run(out, recipe, trainer.model, processor, trainer, train_ds.report)
+        output.remove_set_aside(replaced)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     result = TrainResult(out, trainer.model, processor, losses, summary, main)
     if main and recipe.eval is not None:

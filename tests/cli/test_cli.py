@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -144,3 +145,31 @@ def test_sft_bad_recipe_is_exit_2(tiny_recipe, tmp_path, override, message):
     recipe.write_text(yaml.safe_dump(tiny_recipe))
     r = _cli("sft", recipe, override)
     assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sft_with_an_undecodable_image_skips_or_stops_before_training(make_recipe, shapes_data, tmp_path, capsys):
+    """A random-bytes PNG among good records crashed training at step 0 with either data.on_bad_sample."""
+    folder, train_json, _ = shapes_data
+    records = json.loads(train_json.read_text())[:16]
+    images = tmp_path / "images"
+    images.mkdir()
+    for r in records:
+        (images / r["image"]).parent.mkdir(parents=True, exist_ok=True)
+        (images / r["image"]).write_bytes((folder / r["image"]).read_bytes())
+    (images / records[5]["image"]).write_bytes(os.urandom(3000))
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(records))
+    raw = make_recipe(quant={"bits": 16}, data={"train": str(data), "image_folder": str(images)},
+                      train={"max_steps": 2})
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    from lora_llava.cli.main import main
+
+    out = Path(raw["train"]["output_dir"])
+    assert main(["sft", str(recipe)]) == 1
+    err = capsys.readouterr().err
+    assert f"{data}, record 5: image '{records[5]['image']}' cannot be decoded" in err
+    assert not (out / "trainer_state.json").exists() and not list(out.glob("checkpoint-*"))
+    assert main(["sft", str(recipe), "data.on_bad_sample=skip"]) == 0
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["kept"] == 15 and len(report["skipped"]) == 1 and "record 5" in report["skipped"][0]

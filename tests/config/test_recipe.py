@@ -219,7 +219,7 @@ def test_recipe_with_a_byte_order_mark_is_read(tmp_path):
     ("train.per_device_train_batch_size=0", "train.per_device_train_batch_size: must be at least 1, got 0"),
     ("train.gradient_accumulation_steps=0", "train.gradient_accumulation_steps: must be at least 1, got 0"),
     ("train.max_steps=-5", "train.max_steps: must be at least 1 (or -1: train for num_train_epochs), got -5"),
-    ("train.num_train_epochs=0", "train.num_train_epochs: must be > 0 when train.max_steps is not set, got 0.0"),
+    ("train.num_train_epochs=0", "train.num_train_epochs: must be > 0 when train.max_steps is not set, got 0"),
     ("lora.lora_dropout=1.5", "lora.lora_dropout: must be in [0, 1), got 1.5"),
     ("train.logging_steps=0", "train.logging_steps: must be > 0, got 0"),
     ("train.warmup_steps=-3", "train.warmup_steps: must be >= 0 (a count, or a fraction below 1), got -3"),
@@ -234,3 +234,18 @@ def test_values_that_cannot_train_are_recipe_errors(override, message, tmp_path)
     with pytest.raises(RecipeError) as e:
         load_recipe(path, [override], check_files=True)
     assert message in str(e.value)
+
+
+def test_whole_numbers_keep_their_type(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {llava: x/y}\ntrain: {logging_steps: 5, warmup_steps: 3, max_steps: 100.0}\n"
+                    "lora: {r: 16.0}\n")
+    r = load_recipe(path, check_files=False)
+    # An int written for a float field stays an int (validate printed 'logging_steps: 5.0'); a whole float for an
+    # int field is that int.
+    assert r.train.logging_steps == 5 and type(r.train.logging_steps) is int
+    assert type(r.train.max_steps) is int and type(r.lora.r) is int and r.lora.r == 16
+    text = r.to_yaml()
+    assert "logging_steps: 5\n" in text and "warmup_steps: 3\n" in text and "max_steps: 100\n" in text
+    with pytest.raises(RecipeError, match=r"train.max_steps: got 100.5 \(float\); expected int"):
+        load_recipe(path, ["train.max_steps=100.5"], check_files=False)

@@ -225,6 +225,14 @@ def test_bad_command_is_exit_2(tmp_path, capsys):
     assert main(["data", "check", str(data), "--image-folder", str(data)]) == 2
     assert "is not a folder" in capsys.readouterr().err
     assert main(["data", "check", str(data), "--image-folder", str(folder), "--dump", str(tmp_path / "x/y.jsonl")]) == 2
+    # A folder as --dump is refused before any record is checked (it failed after the whole check), and kept.
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["data", "check", str(data), "--image-folder", str(folder), "--dump", str(tmp_path / "out")]) == 2
+    captured = capsys.readouterr()
+    assert f"--dump '{tmp_path / 'out'}' is a folder" in captured.err and "records:" not in captured.out
+    assert os.listdir(tmp_path / "out") == ["keep.txt"]
     assert main(["data", "check", str(data), "--image-folder", str(folder), "--tokenizer", str(tmp_path / "no")]) == 2
     assert "not a local folder" in capsys.readouterr().err
     with pytest.raises(UsageError, match="unknown template 'nope'"):

@@ -152,3 +152,63 @@ def test_bare_image_question_gets_no_newline(vicuna_tokenizer, folder):
     after = ids[max(i for i, t in enumerate(ids) if t == COMMON["image_token_id"]) + 1:]
     assert after[:3] == [29871, 319, 1799]
     assert 13 not in after[:2]
+
+
+def test_image_problems_are_found_again_on_every_run(vicuna_tokenizer, folder, tmp_path):
+    """The tokenization cache keeps no verdict about images: an image added, deleted or replaced after a run is seen
+    by the next one (issue: a stale "not found", and a crash mid-training for an image deleted after caching)."""
+    cache = tmp_path / "cache"
+    records = _records(10)
+    records[7]["image"] = "late.png"
+
+    def build(**kwargs):
+        return LlavaDataset.from_records(records, vicuna_tokenizer, "vicuna_v1", image_folder=str(folder),
+                                         cache_dir=str(cache), **COMMON, **kwargs)
+
+    with pytest.raises(DataError, match=r"record 7: image 'late.png' not found"):
+        build()
+    Image.new("RGB", (8, 8), (0, 0, 200)).save(folder / "late.png")  # the user adds the image
+    ds = build()
+    assert ds.report.cached and len(ds) == 10 and not ds.report.problems
+    (folder / "late.png").unlink()  # ... and deletes it again
+    with pytest.raises(DataError, match=r"record 7: image 'late.png' not found"):
+        build()
+    skipped = build(on_bad_sample="skip")
+    assert skipped.report.cached and len(skipped) == 9 and "late.png" in str(skipped.report.problems[0])
+    # Replaced by something that is not an image (same name): caught too, not met mid-training.
+    (folder / "late.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    with pytest.raises(DataError, match=r"record 7: image 'late.png' cannot be decoded"):
+        build()
+
+
+@pytest.mark.parametrize("kind", ["random", "empty", "truncated", "huge"])
+def test_undecodable_images_are_skipped_or_refused_before_training(vicuna_tokenizer, folder, tmp_path, kind,
+                                                                 monkeypatch):
+    import io
+    import os
+
+    from lora_llava.data import images
+
+    bad = folder / "bad.png"
+    if kind == "random":
+        bad.write_bytes(os.urandom(2000))
+    elif kind == "empty":
+        bad.write_bytes(b"")
+    elif kind == "truncated":  # a valid header, then the pixel data cut short
+        buf = io.BytesIO()
+        Image.effect_noise((64, 64), 50).convert("RGB").save(buf, "PNG")
+        bad.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    else:
+        monkeypatch.setattr(images, "MAX_PIXELS", 1000)
+        Image.new("RGB", (40, 30)).save(bad)
+    records = _records(12)
+    records[4]["image"] = "bad.png"
+    for cache in (str(tmp_path / "cache"), False):
+        with pytest.raises(DataError, match=r"record 4: image 'bad.png' (cannot be decoded|is 40x30, over)"):
+            LlavaDataset.from_records(records, vicuna_tokenizer, "vicuna_v1", image_folder=str(folder),
+                                      cache_dir=cache, **COMMON)
+        ds = LlavaDataset.from_records(records, vicuna_tokenizer, "vicuna_v1", image_folder=str(folder),
+                                       cache_dir=cache, on_bad_sample="skip", **COMMON)
+        assert len(ds) == 11 and "bad.png" not in [f for r in ds.rows for f in r["image_files"]]
+        skipped = ds.report.to_json()["skipped"]
+        assert len(skipped) == 1 and skipped[0].startswith("record 4: image 'bad.png'")

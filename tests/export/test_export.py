@@ -132,9 +132,12 @@ def test_generate_on_run_and_export_agree(run16, shapes_data, tmp_path):
     assert a == b
 
 
-def test_bad_input(run16, tmp_path, tiny_llava):
+def test_bad_input(run16, tmp_path, tiny_llava, pickled_llava):
     with pytest.raises(MergeError, match="run folder '.*nowhere' does not exist"):
         merge(tmp_path / "nowhere", tmp_path / "o")
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(MergeError, match="run folder '.*a-file' is a file, not a folder"):
+        merge(tmp_path / "a-file", tmp_path / "o")
     no_adapter = tmp_path / "no_adapter"
     shutil.copytree(run16.output_dir, no_adapter)
     shutil.rmtree(no_adapter / "adapter")
@@ -152,6 +155,15 @@ def test_bad_input(run16, tmp_path, tiny_llava):
     with pytest.raises(MergeError, match=r"does not fit this base: model\.language_model\.layers\.0\.\S+ is "
                                          r"\(\d+, \d+\) in '.*wide' but the adapter's LoRA is \d+x\d+"):
         merge(run16.output_dir, tmp_path / "o", base=str(wide))
+    # A pickle as the base is never unpickled; a damaged adapter is named.
+    with pytest.raises(MergeError, match="pytorch_model.bin: a pickle that holds Python objects besides tensors"):
+        merge(run16.output_dir, tmp_path / "o", base=str(pickled_llava), progress=False)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run16.output_dir, damaged)
+    weights = damaged / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(MergeError, match=f"{weights}: not a readable safetensors file"):
+        merge(damaged, tmp_path / "o")
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.partial-*"))
 
 
@@ -223,3 +235,56 @@ def test_safetensors_writer_round_trips(tmp_path):
     assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in tensors.items())
     with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
         assert f.metadata() == {"format": "pt"}
+
+
+def test_overwrite_replaces_only_an_earlier_export_and_an_export_is_no_base(run16, tmp_path):
+    from lora_llava.cli.main import main
+
+    # A folder of runs, the run being merged, a data file, a folder with a hand-written checkpoint marker: never
+    # replaced, nothing in them deleted.
+    runs = tmp_path / "runs"
+    shutil.copytree(run16.output_dir, runs / "a")
+    data = tmp_path / "data.json"
+    data.write_text("[]")
+    marked = tmp_path / "marked"
+    marked.mkdir()
+    (marked / "lora_llava.json").write_text('{"template": "vicuna_v1"}')
+    for target in (runs, runs / "a", data, marked):
+        before = sorted(str(p) for p in target.rglob("*")) if target.is_dir() else data.read_text()
+        with pytest.raises(MergeError, match=f"--out '{target}' is (not an earlier lora-llava export|a file)"):
+            merge(runs / "a", target, overwrite=True, progress=False)
+        assert (sorted(str(p) for p in target.rglob("*")) if target.is_dir() else data.read_text()) == before
+    assert main(["merge", str(runs / "a"), "--out", str(runs), "--overwrite"]) == 1
+    assert (runs / "a" / "recipe.yaml").is_file()
+    # An earlier export is replaced.
+    export = merge(runs / "a", tmp_path / "e", dtype="fp32", progress=False).out
+    (export / "stale.txt").write_text("from the first export")
+    merge(runs / "a", export, dtype="fp16", progress=False, overwrite=True)
+    assert not (export / "stale.txt").exists()
+    assert json.loads((export / "lora_llava.json").read_text())["dtype"] == "fp16"
+    assert not list(tmp_path.glob(".e.*"))
+    # An export as --base would apply the LoRA a second time.
+    with pytest.raises(MergeError, match=f"--base '{export}' is a lora-llava export .*a second time"):
+        merge(runs / "a", tmp_path / "twice", base=str(export), progress=False)
+    assert main(["merge", str(runs / "a"), "--out", str(tmp_path / "twice"), "--base", str(export)]) == 1
+    assert not (tmp_path / "twice").exists()
+
+
+def test_leftovers_of_a_killed_merge_are_cleaned(run16, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    host = socket.gethostname()
+    stale = tmp_path / f".o.partial-{dead}@{host}-x1"  # what a SIGKILLed merge leaves
+    running = tmp_path / f".o.partial-{os.getpid()}@{host}-x2"  # a merge still writing
+    elsewhere = tmp_path / f".o.partial-{dead}@another-host-x3"  # a process of another machine (shared disk)
+    for folder in (stale, running, elsewhere):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half")
+    merge(run16.output_dir, tmp_path / "o", dtype="fp32", progress=False)
+    assert not stale.exists() and running.exists() and elsewhere.exists()
+    assert sorted(p.name for p in tmp_path.glob(".o.*")) == sorted([running.name, elsewhere.name])

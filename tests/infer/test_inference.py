@@ -226,7 +226,7 @@ def test_original_llava_layout(tiny_llava, vicuna_tokenizer, eval_set, tmp_path)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
-def test_load_errors_name_the_path(runs, run16, tmp_path):
+def test_load_errors_name_the_path(runs, run16, tmp_path, pickled_llava):
     with pytest.raises(InferenceError, match=f"'{tmp_path / 'nowhere'}' does not exist"):
         load_for_inference(tmp_path / "nowhere")
     (tmp_path / "file.txt").write_text("x")
@@ -245,6 +245,16 @@ def test_load_errors_name_the_path(runs, run16, tmp_path):
         load_for_inference(broken)
     with pytest.raises(InferenceError, match="bits: got 5"):
         load_for_inference(run16, bits=5)
+    # A damaged adapter file is named as such (it was "does not fit the base model"); a pickle is never unpickled.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run16, damaged)
+    weights = damaged / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(InferenceError, match=f"adapter cannot be read: {weights}: not a readable safetensors file"):
+        load_for_inference(damaged)
+    with pytest.raises(InferenceError, match=f"'{pickled_llava}' has .bin weights that pickle Python objects .* never "
+                                             "unpickles"):
+        load_for_inference(pickled_llava)
 
 
 def test_stage1_run_captions_each_image_alone(runs, eval_set):
@@ -274,8 +284,12 @@ def test_bad_questions_are_named_by_line(eval_set, tmp_path):
         json.dumps({"image": images[0][0], "text": "x"}): "line 2: no question_id",
         json.dumps({"question_id": 2, "text": "<image>\nx"}): "line 2: text: has 1 '<image>' tag but there is no image",
         json.dumps([1, 2]): "line 2: expected a JSON object",
+        json.dumps({"question_id": 1, "text": "again"}): "line 2: question_id 1 again \\(first on line 1\\)",
+        json.dumps({"question_id": 2, "image": "broken.png", "text": "x"}): "line 2 \\(question_id 2\\): image "
+                                                                            "'broken.png' cannot be decoded",
     }
     (folder.parent / "escape.png").write_bytes((folder / images[0][0]).read_bytes())  # exists, but outside
+    (folder / "broken.png").write_bytes((folder / images[0][0]).read_bytes()[:60])  # a PNG cut short
     qfile = tmp_path / "q.jsonl"
     for line, message in cases.items():
         qfile.write_text(f"{good}\n{line}\n")
@@ -297,6 +311,11 @@ def test_cli_bad_inputs_exit_1(run16, eval_set, tmp_path, capsys):
     assert cli.main(["generate", str(run16), *common]) == 1
     assert f"{qfile}: line 3 is not valid JSON" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".a.jsonl*"))
+    # --out naming a folder is refused before the model loads (it failed after every answer was generated).
+    (tmp_path / "answers").mkdir()
+    folder_out = ["--questions", str(qfile), "--image-folder", str(folder), "--out", str(tmp_path / "answers")]
+    assert cli.main(["generate", str(tmp_path / "not-loaded"), *folder_out]) == 2
+    assert f"--out '{tmp_path / 'answers'}' is a folder" in capsys.readouterr().err
 
     qfile.write_text(json.dumps({"question_id": 1, "image": "../../etc/passwd", "text": "x"}) + "\n")
     assert cli.main(["generate", str(run16), *common]) == 1

@@ -43,3 +43,24 @@ def test_report_cli_names_a_folder_without_state(tmp_path, capsys):
 
     assert main(["report", str(tmp_path)]) == 1
     assert "holds no trainer_state.json" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("x")
+    assert main(["report", str(tmp_path / "a-file")]) == 1
+    assert f"run folder '{tmp_path / 'a-file'}' is a file, not a folder" in capsys.readouterr().err
+
+
+def test_report_names_a_damaged_trainer_state(tmp_path, capsys):
+    from lora_llava.cli.main import main
+
+    cases = {
+        '{"log_history": 5}': "'log_history' is not a list (int)",
+        '{"log_history": [1, 2]}': "log_history[0] is not an object (int)",
+        '{"log_history": [{"step": 1, "loss": 0.5}, {"step": 2, "loss": "x"}]}': "log_history[1].loss is 'x'",
+        '{"global_step": "a"}': "'global_step' is 'a'",
+        '{"log_history": [{"train_runtime": "a"}]}': "log_history[0].train_runtime is 'a'",
+        '{"log_history": [{"loss": 1.0, "step": 1}': "not valid JSON",
+    }
+    for text, message in cases.items():
+        (tmp_path / "trainer_state.json").write_text(text)
+        assert main(["report", str(tmp_path)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {tmp_path / 'trainer_state.json'}: ") and message in err, err

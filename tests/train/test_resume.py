@@ -40,7 +40,8 @@ KILLER = textwrap.dedent("""
     recipe, *rest = sys.argv[2:]
     resume = rest[rest.index("--resume") + 1] if "--resume" in rest else None
     try:
-        train(load_recipe(recipe, [r for r in rest if "=" in r]), resume=resume, callbacks=[Killer()])
+        train(load_recipe(recipe, [r for r in rest if "=" in r]), resume=resume, callbacks=[Killer()],
+              overwrite="--overwrite" in rest)
     except LoraLlavaError as e:  # as the lora-llava command reports it
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
@@ -110,3 +111,49 @@ def test_kill_while_saving_resumes_from_the_last_complete_checkpoint(setup):
     assert "resuming from" in resumed.stderr and "checkpoint-4" in resumed.stderr
     ref_w, got = _weights(tmp / "ref"), _weights(tmp / "crash2")
     assert all(torch.equal(ref_w[k], got[k]) for k in ref_w)
+
+
+def test_killed_run_is_usable_guarded_and_resumed_only_with_a_fitting_recipe(setup, tmp_path):
+    from lora_llava.errors import MergeError
+    from lora_llava.export.merge import merge
+    from lora_llava.infer.load import load_for_inference
+
+    run, tmp = setup
+    folder = tmp / "killed"
+    assert run("killed", KILL_STEP=3).returncode == -9  # checkpoint-2 complete, no final save
+    checkpoint = folder / "checkpoint-2"
+    assert (folder / "recipe.yaml").is_file() and (folder / "processor").is_dir()  # written at the start
+    assert not (folder / "projector.safetensors").exists()
+    # The run folder itself says which checkpoint to use; the checkpoint merges and loads.
+    with pytest.raises(MergeError, match="newest complete checkpoint is '.*checkpoint-2': give that folder"):
+        merge(folder, tmp_path / "e", progress=False)
+    result = merge(checkpoint, tmp_path / "e", dtype="fp32", progress=False)
+    assert result.merged_modules > 0
+    loaded = load_for_inference(checkpoint)
+    saved = load_file(str(checkpoint / "projector.safetensors"))
+    projector = loaded.model.get_base_model().model.multi_modal_projector.state_dict()
+    assert saved and all(torch.equal(projector[k.split("multi_modal_projector.")[-1]], v) for k, v in saved.items())
+    # sft without --resume would replace the checkpoints: refused, nothing touched.
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in checkpoint.iterdir())
+    again = run("killed")
+    assert again.returncode == 2 and "holds the checkpoints of an unfinished run" in again.stderr
+    assert "--resume auto to continue it" in again.stderr and f"'{folder}'" in again.stderr
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in checkpoint.iterdir()) == before
+    # --resume with the run folder instead of a checkpoint names the way.
+    wrong = run("killed", "--resume", str(folder))
+    assert wrong.returncode == 1 and "is a run folder, not a checkpoint" in wrong.stderr
+    # A recipe the checkpoint cannot take is refused, naming the key; a schedule change is a warning.
+    changed = run("killed", "--resume", "auto", "lora.r=4")
+    assert changed.returncode == 2 and "lora.r: 8 -> 4" in changed.stderr, changed.stderr[-2000:]
+    resumed = run("killed", "--resume", "auto", "train.learning_rate=0.001")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "changed recipe" in resumed.stderr and "train.learning_rate: 0.01 -> 0.001" in resumed.stderr
+    # The finished run is not replaced by a new sft, unless --overwrite.
+    adapter = (folder / "adapter" / "adapter_model.safetensors").read_bytes()
+    refused = run("killed")
+    assert refused.returncode == 2 and "holds a finished run" in refused.stderr
+    assert (folder / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+    replaced = run("killed", "--overwrite", "train.max_steps=2")
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == 2
+    assert not (folder / "checkpoint-8").exists() and not list(tmp.glob(".killed.replaced-*"))

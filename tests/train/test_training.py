@@ -176,3 +176,50 @@ def test_eval_strategy_without_eval_data_fails_before_loading(make_recipe, capsy
     assert main(["sft", str(path)]) == 2
     assert "train.eval_strategy: 'steps' needs evaluation data (data.eval" in capsys.readouterr().err
     assert not Path(raw["train"]["output_dir"]).exists()  # refused before anything was written
+
+
+@pytest.mark.parametrize(("save", "fault"), [("no", "ctrl-c"), ("steps", "ctrl-c"), ("steps", "disk full")])
+def test_a_run_stopped_early_says_what_is_left(make_recipe, save, fault, monkeypatch, capsys, caplog):
+    import errno
+    import shutil
+    from collections import namedtuple
+
+    from transformers import TrainerCallback
+
+    from lora_llava.errors import StorageError
+
+    class Fault(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                if fault == "ctrl-c":
+                    raise KeyboardInterrupt
+                raise OSError(errno.ENOSPC, "No space left on device", str(Path(args.output_dir) / "checkpoint-4"))
+
+    # A disk with 1 kB free: the run warns before step 1 that its checkpoints will not fit.
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    raw = make_recipe(quant={"bits": 16}, train={"max_steps": 6, "save_strategy": save, "save_steps": 2})
+    with pytest.raises(StorageError if fault == "disk full" else KeyboardInterrupt) as info:
+        train(recipe_from_dict(raw), callbacks=[Fault()])
+    message = str(info.value)
+    folder = Path(raw["train"]["output_dir"])
+    assert f"'{folder}' has 0.00 GB free, but this run will write about" in caplog.text
+    if save == "no":
+        assert message.startswith("training stopped at step 3; nothing trained was saved") and "'no'" in message
+        assert not list(folder.glob("checkpoint-*"))
+    else:
+        assert f"the newest complete checkpoint is '{folder / 'checkpoint-2'}'" in message
+        assert "--resume auto" in message
+    if fault == "disk full":
+        assert message.startswith(f"writing to '{folder}' failed at step 3 (No space left on device: ")
+        return
+    # The command prints it on a line of its own (a progress bar may hold the current one) and exits 130.
+    from lora_llava.cli import main as cli
+
+    def interrupted(args):
+        raise info.value
+
+    monkeypatch.setitem(cli.COMMANDS, "report", (interrupted, "", lambda p: p.add_argument("run_dir")))
+    capsys.readouterr()
+    assert cli.main(["report", "x"]) == 130
+    assert capsys.readouterr().err == f"\ninterrupted: {message}\n"
