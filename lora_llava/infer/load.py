@@ -15,7 +15,7 @@ from ..errors import DataError, InferenceError, ModelError, RecipeError
 from ..files import read_json, read_tensors
 from ..llava.layouts import EXPORT_INFO_FILE, checkpoint_layout
 from ..llava.spec import read_config_dict
-from ..run.folder import RunFolder
+from ..run.folder import CheckpointFolder, RunFolder
 
 logger = logging.getLogger(__name__)
 
@@ -88,11 +88,6 @@ def load_for_inference(path: str | Path, device: str | torch.device | None = Non
     dev = _target_device(device)
     if RunFolder.open(root).is_run():
         loaded = _load_run(root, bits, dtype, dev)
-    elif RunFolder(root.parent).is_run() and RunFolder(root).projector_file.is_file():
-        # A training checkpoint (RUN/checkpoint-N): the run's recipe with this checkpoint's adapter and projector.
-        if not RunFolder.is_complete(root):
-            raise InferenceError(f"checkpoint '{path}' is incomplete (saving was interrupted); use another one")
-        loaded = _load_run(root.parent, bits, dtype, dev, checkpoint=root)
     elif (root / "config.json").is_file():
         loaded = _load_checkpoint(root, bits, dtype, dev)
     else:
@@ -127,16 +122,16 @@ def _device_map(dev: torch.device | None) -> dict[str, Any] | None:
     return {"": dev.index if dev.type == "cuda" else str(dev)}
 
 
-def _load_run(root: Path, bits: int | None, dtype: str | None, dev: torch.device | None,
-              checkpoint: Path | None = None) -> LoadedModel:
+def _load_run(root: Path, bits: int | None, dtype: str | None, dev: torch.device | None) -> LoadedModel:
     from peft import PeftModel
     from transformers import AutoProcessor
 
     from ..model.loading import load_model
     from ..model.projector import load_projector, read_projector
 
-    run = RunFolder.open(root)
-    where = f"run folder '{root}'"
+    run = RunFolder.open(root)  # a training checkpoint (RUN/checkpoint-N): the run's recipe, its own weights
+    checkpoint = isinstance(run, CheckpointFolder)
+    where = f"checkpoint '{root}'" if checkpoint else f"run folder '{root}'"
     if not run.is_finished():
         raise InferenceError(f"{where}: {run.unfinished_hint()}")
     overrides = ([f"quant.bits={bits}"] if bits is not None else []) + ([f"model.dtype={dtype}"] if dtype else [])
@@ -144,14 +139,12 @@ def _load_run(root: Path, bits: int | None, dtype: str | None, dev: torch.device
         recipe = run.read_recipe(overrides)
     except RecipeError as e:
         raise InferenceError(f"{where}: {e}") from None
-    adapter = run.adapter_dir if checkpoint is None else checkpoint
-    if checkpoint is not None:
-        where = f"checkpoint '{checkpoint}' of {where}"
+    adapter = run.adapter_dir
     if recipe.train.stage == 2 and not RunFolder.adapter_files(adapter)[1].is_file():
         raise InferenceError(f"{where}: a stage-2 run (train.stage: 2 in {run.recipe_file.name}) but there is no LoRA "
                              f"adapter '{adapter}' (adapter_config.json); the run did not finish, or the adapter was "
                              "moved")
-    projector = run.projector_file if checkpoint is None else RunFolder(checkpoint).projector_file
+    projector = run.projector_file
     if not projector.is_file():
         raise InferenceError(f"{where}: no trained projector '{projector}'; the run did not finish")
     try:
@@ -175,7 +168,7 @@ def _load_run(root: Path, bits: int | None, dtype: str | None, dev: torch.device
     else:
         logger.warning("%s has no processor/; using the base model's tokenizer and image processor", where)
     return LoadedModel(model, processor, recipe.template, image_aspect_ratio=recipe.data.image_aspect_ratio,
-                       kind="run" if checkpoint is None else "run checkpoint", path=checkpoint or root)
+                       kind="run checkpoint" if checkpoint else "run", path=root)
 
 
 def _relative_paths_hint(recipe) -> str:
