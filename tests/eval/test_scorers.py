@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -243,13 +242,14 @@ def test_bad_answer_files_name_file_and_line(tmp_path):
         score_answers("textvqa", pope, tv)
 
 
-@pytest.mark.skipif(not os.environ.get("LORA_LLAVA_REFERENCE_PYTHON"),
-                    reason="set LORA_LLAVA_REFERENCE_PYTHON to a Python with llava-torch (the LLaVA reference)")
 def test_scores_equal_the_reference_scorers():
-    """benchmarks/eval_parity.py: our scorers and the reference's own code on the same generated files."""
+    """benchmarks/eval_parity.py: our scorers and the reference's own code (llava-torch in the reference
+    virtualenv of tests/reference_env.py) on the same generated files."""
+    from reference_env import reference_python
+
     from benchmarks.eval_parity import main
 
-    assert main(["--reference-python", os.environ["LORA_LLAVA_REFERENCE_PYTHON"]]) == 0
+    assert main(["--reference-python", str(reference_python())]) == 0
 
 
 def test_vqav2_scores_and_submission(tmp_path):
