@@ -28,9 +28,9 @@ def resolve_image_path(root: str | Path | None, relative: str) -> Path:
     return path
 
 
-def probe_image(root: str | Path | None, relative: str) -> os.stat_result:
-    """Cheap checks of an image, without decoding its pixels: it exists under ``root``, its header names a format PIL
-    reads and a size within :data:`MAX_PIXELS`. Returns the file's ``stat`` (size and time tell a changed file)."""
+def _read(root: str | Path | None, relative: str, decode: bool) -> tuple[os.stat_result, Image.Image | None]:
+    """The checks every image read makes (under ``root``, present, a format PIL reads, within :data:`MAX_PIXELS`);
+    with ``decode`` the pixels as RGB too. Any failure is an :class:`ImageError` naming the image."""
     path = resolve_image_path(root, relative)
     if not path.is_file():
         raise ImageError(f"image '{relative}' not found (looked at '{path}')")
@@ -41,11 +41,20 @@ def probe_image(root: str | Path | None, relative: str) -> os.stat_result:
             with Image.open(path) as im:
                 if im.width * im.height > MAX_PIXELS:
                     raise ImageError(f"image '{relative}' is {im.width}x{im.height}, over the {MAX_PIXELS} pixel limit")
+                if not decode:
+                    return stat, None
+                im.load()
+                return stat, to_rgb(im)
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
         raise ImageError(f"image '{relative}' cannot be decoded ({e})") from None
-    return stat
+
+
+def probe_image(root: str | Path | None, relative: str) -> os.stat_result:
+    """Cheap checks of an image, without decoding its pixels: it exists under ``root``, its header names a format PIL
+    reads and a size within :data:`MAX_PIXELS`. Returns the file's ``stat`` (size and time tell a changed file)."""
+    return _read(root, relative, decode=False)[0]
 
 
 def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -82,21 +91,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def load_image(root: str | Path | None, relative: str, aspect: str = "pad",
                mean: tuple[float, float, float] = CLIP_MEAN) -> Image.Image:
     """Open an image under ``root`` as RGB, padded to a square when ``aspect == "pad"``."""
-    path = resolve_image_path(root, relative)
-    if not path.is_file():
-        raise ImageError(f"image '{relative}' not found (looked at '{path}')")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                if im.width * im.height > MAX_PIXELS:
-                    raise ImageError(f"image '{relative}' is {im.width}x{im.height}, over the {MAX_PIXELS} pixel limit")
-                im.load()
-                image = to_rgb(im)
-    except ImageError:
-        raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
-        raise ImageError(f"image '{relative}' cannot be decoded ({e})") from None
+    image = _read(root, relative, decode=True)[1]
     if aspect == "pad":
         image = expand_to_square(image, mean_fill(mean))
     return image

@@ -5,11 +5,9 @@ JSON (``llava_test_CQM-A.json``) and the user's own LLaVA JSON (``custom``)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
-from ..data import resolve_image_path
-from ..errors import DataError, ImageError
-from ..infer.questions import read_questions
+from ..errors import DataError
+from ..infer.questions import check_question_image, read_questions
 from .answers import read_jsonl_objects, read_llava_records
 
 __all__ = ["SCIENCEQA_SUFFIX", "Question", "read_benchmark_questions"]
@@ -20,17 +18,6 @@ SCIENCEQA_SUFFIX = "Answer with the option's letter from the given choices direc
 class Question(dict):
     """``question_id``, ``prompt`` (saved in the answer file), ``turns`` (what the model is asked), ``image``,
     ``category``, ``line`` (where it is in its file, for messages) and, for ``custom``, ``truth``."""
-
-
-def _check_image(where: str, image_folder, image: Any) -> None:
-    if not isinstance(image, str) or not image.strip():
-        raise DataError(f"{where}: image: expected a path relative to the image folder, got {image!r}")
-    try:
-        file = resolve_image_path(image_folder, image)
-    except ImageError as e:
-        raise DataError(f"{where}: {e}") from None
-    if not file.is_file():
-        raise DataError(f"{where}: image '{image}' not found (looked at '{file}')")
 
 
 def _conversation_questions(path: Path, image_folder, benchmark: str) -> list[Question]:
@@ -48,7 +35,7 @@ def _conversation_questions(path: Path, image_folder, benchmark: str) -> list[Qu
         where = f"{path}, record {i} (id {qid!r})"
         image = r.get("image")
         if image is not None:
-            _check_image(where, image_folder, image)
+            check_question_image(where, image_folder, image)
         question = convs[0]["value"].replace("<image>", "").strip()
         prompt = question
         if benchmark == "scienceqa":  # LLaVA-1.5 asks for the letter (model_vqa_science --single-pred-prompt)

@@ -10,7 +10,20 @@ from ..errors import DataError, ImageError, InferenceError
 from ..files import iter_jsonl
 from .chat import with_image_tag
 
-__all__ = ["read_questions"]
+__all__ = ["check_question_image", "read_questions"]
+
+
+def check_question_image(where: str, image_folder, image: Any) -> Path:
+    """The file of a question's ``image`` (a path under ``image_folder``); :class:`DataError` naming ``where``."""
+    if not isinstance(image, str) or not image.strip():
+        raise DataError(f"{where}: image: expected a path relative to the image folder, got {image!r}")
+    try:
+        file = resolve_image_path(image_folder, image)
+    except ImageError as e:
+        raise DataError(f"{where}: {e}") from None
+    if not file.is_file():
+        raise DataError(f"{where}: image '{image}' not found (looked at '{file}')")
+    return file
 
 
 def read_questions(path: str | Path, image_folder: str | Path | None) -> list[dict[str, Any]]:
@@ -47,14 +60,7 @@ def read_questions(path: str | Path, image_folder: str | Path | None) -> list[di
             raise DataError(f"{where}: text: expected the question as a non-empty string, got {text!r}")
         image = record.get("image")
         if image is not None:
-            if not isinstance(image, str) or not image.strip():
-                raise DataError(f"{where}: image: expected a path relative to the image folder, got {image!r}")
-            try:
-                file = resolve_image_path(image_folder, image)
-            except ImageError as e:
-                raise DataError(f"{where}: {e}") from None
-            if not file.is_file():
-                raise DataError(f"{where}: image '{image}' not found (looked at '{file}')")
+            check_question_image(where, image_folder, image)
             if image not in decoded:
                 try:
                     load_image(image_folder, image, aspect="resize")
