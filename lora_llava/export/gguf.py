@@ -337,6 +337,10 @@ def write_gguf(hf_export: Path, out: Path, quant: str = "f16", name: str = "lora
 
     if quant not in GGUF_QUANTS:
         raise MergeError(f"--gguf-quant {quant!r}: choose one of {', '.join(GGUF_QUANTS)}")
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise MergeError("--format gguf writes with the gguf package: pip install 'lora-llava[gguf]'") from None
     config = json.loads((hf_export / "config.json").read_text())
     processor = AutoProcessor.from_pretrained(str(hf_export))
     tensors = _Tensors(hf_export)

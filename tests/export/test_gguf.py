@@ -129,3 +129,87 @@ def test_gguf_bad_quant(run16, tmp_path):
     with pytest.raises(MergeError, match="--gguf-quant 'q3': choose one of f16, q8_0, q4_k_m"):
         merge(run16.output_dir, tmp_path / "o", format="gguf", gguf_quant="q3")
     assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# llama.cpp itself (llama-cpp-python).
+
+
+def _handler(llama_cpp, mmproj, template):
+    """llama-cpp-python's LLaVA-1.5 handler (mtmd) with the export's own chat template instead of its built-in one
+    (which has another system prompt and other separators than LLaVA-1.5's training format)."""
+    from llama_cpp.llama_chat_format import Llava15ChatHandler
+
+    handler = Llava15ChatHandler(clip_model_path=str(mmproj), verbose=False)
+    handler.DEFAULT_SYSTEM_MESSAGE = None  # the template carries vicuna_v1's system prompt
+    handler.CHAT_FORMAT = template
+    return handler
+
+
+def llama_cpp_answers(model_path, mmproj, questions, image_paths, max_tokens=12):
+    """Greedy answers of llama.cpp (llama-cpp-python) to one question about each image."""
+    import base64
+
+    llama_cpp = _llama_cpp()
+    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=512, n_threads=2, verbose=False, seed=0)
+    llm.chat_handler = _handler(llama_cpp, mmproj, llm.metadata["tokenizer.chat_template"])
+    answers = []
+    for question, path in zip(questions, image_paths, strict=True):
+        uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+        out = llm.create_chat_completion(
+            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
+                                                   {"type": "text", "text": question}]}],
+            temperature=0.0, top_k=1, repeat_penalty=1.0, max_tokens=max_tokens)
+        answers.append(out["choices"][0]["message"]["content"].strip())
+    return answers
+
+
+def test_llama_cpp_tokenizes_like_training(gguf_f16, run16):
+    llama_cpp = _llama_cpp()
+    from lora_llava.data import get_template
+    from lora_llava.data.tokenize import encode_prompt
+    from lora_llava.demo import QUESTIONS
+
+    llm = llama_cpp.Llama(model_path=str(gguf_f16 / "model-f16.gguf"), vocab_only=True, verbose=False)
+    tok, tmpl = run16.processor.tokenizer, get_template("vicuna_v1")
+    questions = [*QUESTIONS, "two  spaces and a\ttab", "Ünïcödé ✓ 東京 🙂", "line\nbreak", " leading space"]
+    for question in questions:
+        turns = [("human", f"<image>\n{question}")]
+        ids = encode_prompt(turns, tok, tmpl, 32000, 1)
+        before, after = tmpl.prompt(turns).split("<image>")
+        # mtmd tokenizes the text on each side of the image on its own, BOS on the first piece only.
+        i = ids.index(32000)
+        assert llm.tokenize(before.encode(), add_bos=True, special=True) == ids[:i], question
+        assert llm.tokenize(after.encode(), add_bos=False, special=True) == ids[i + 1:], question
+    turns = [("human", "Hi"), ("gpt", "Hello there."), ("human", "What now?")]  # text only, two rounds
+    assert llm.tokenize(tmpl.prompt(turns).encode(), add_bos=True, special=True) == encode_prompt(
+        turns, tok, tmpl, 32000, 1)
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    """40 held-out coloured-shape images (not the training set) and a question for each."""
+    from lora_llava.demo import make_shapes_data
+
+    folder = tmp_path_factory.mktemp("held_out")
+    _, eval_json = make_shapes_data(folder, train_samples=0, eval_samples=40, image_size=32, seed=123)
+    records = json.loads(eval_json.read_text())
+    return folder, [r["conversations"][0]["value"].removeprefix("<image>\n") for r in records], \
+        [r["image"] for r in records]
+
+
+def test_llama_cpp_answers_like_lora_llava(gguf_f16, run16, held_out):
+    _llama_cpp()
+    from lora_llava.infer.generate import generate_answers
+
+    folder, questions, images = held_out
+    ours = generate_answers(run16.model, run16.processor, [[("human", f"<image>\n{q}")] for q in questions],
+                            [[i] for i in images], str(folder), template="vicuna_v1", max_new_tokens=12)
+    theirs = llama_cpp_answers(gguf_f16 / "model-f16.gguf", gguf_f16 / "mmproj-f16.gguf", questions,
+                               [folder / i for i in images])
+    same = sum(a == b for a, b in zip(ours, theirs, strict=True))
+    print(f"llama.cpp f16 vs lora-llava chat: {same}/{len(ours)} greedy answers equal")
+    for a, b in zip(ours, theirs, strict=True):
+        if a != b:
+            print(f"  lora-llava {a!r} | llama.cpp {b!r}")
+    assert same >= 0.95 * len(ours)
