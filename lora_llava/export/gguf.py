@@ -44,7 +44,7 @@ from ..llava.tokenizer import llama2_sentencepiece_pieces
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GGUF_CHAT_TEMPLATE", "GGUF_QUANTS", "MEDIA_MARKER", "gguf_file_names", "write_gguf"]
+__all__ = ["GGUF_CHAT_TEMPLATE", "GGUF_QUANTS", "MEDIA_MARKER", "check_gguf_tools", "gguf_file_names", "write_gguf"]
 
 GGUF_QUANTS = ("f16", "q8_0", "q4_k_m")
 _LLAMA_FTYPE = {"f16": 1, "q8_0": 7, "q4_k_m": 15}  # llama.cpp's LLAMA_FTYPE_MOSTLY_*
@@ -330,6 +330,19 @@ def _iter_files(folder: Path) -> Iterator[Path]:
     yield from sorted(folder.glob("*.gguf"))
 
 
+def check_gguf_tools(quant: str) -> None:
+    """Fail before any work when the packages ``--gguf-quant quant`` needs are missing."""
+    if quant not in GGUF_QUANTS:
+        raise MergeError(f"--gguf-quant {quant!r}: choose one of {', '.join(GGUF_QUANTS)}")
+    import importlib.util
+
+    if importlib.util.find_spec("gguf") is None:
+        raise MergeError("--format gguf writes with the gguf package: pip install 'lora-llava[gguf]'")
+    if quant != "f16" and importlib.util.find_spec("llama_cpp") is None:
+        raise MergeError(f"--gguf-quant {quant} quantizes with llama.cpp's own quantizer: pip install "
+                         "llama-cpp-python (or 'lora-llava[gguf]')")
+
+
 def write_gguf(hf_export: Path, out: Path, quant: str = "f16", name: str = "lora-llava") -> int:
     """Write ``model-{quant}.gguf`` and ``mmproj-f16.gguf`` for the llava-hf export ``hf_export`` into the existing
     folder ``out``; returns the bytes written."""
@@ -337,10 +350,7 @@ def write_gguf(hf_export: Path, out: Path, quant: str = "f16", name: str = "lora
 
     if quant not in GGUF_QUANTS:
         raise MergeError(f"--gguf-quant {quant!r}: choose one of {', '.join(GGUF_QUANTS)}")
-    try:
-        import gguf  # noqa: F401
-    except ImportError:
-        raise MergeError("--format gguf writes with the gguf package: pip install 'lora-llava[gguf]'") from None
+    check_gguf_tools(quant)
     config = json.loads((hf_export / "config.json").read_text())
     processor = AutoProcessor.from_pretrained(str(hf_export))
     tensors = _Tensors(hf_export)

@@ -29,7 +29,7 @@ from ..llava.tokenizer import image_token_id, is_llama2_sentencepiece_vocab, sen
 from ..model.loading import added_rows
 from ..run.folder import RunFolder
 from .chat_template import VICUNA_CHAT_TEMPLATE, padding_image_processor
-from .gguf import GGUF_QUANTS, gguf_file_names, write_gguf
+from .gguf import check_gguf_tools, gguf_file_names, write_gguf
 from .safetensors_io import ShardWriter, iter_tensors, largest_shard, low_memory_allocator, staging
 
 logger = logging.getLogger(__name__)
@@ -268,8 +268,7 @@ def _merge_gguf(run_dir, out: Path, base, from_dequantized: bool, overwrite: boo
     for a while."""
     import shutil
 
-    if quant not in GGUF_QUANTS:
-        raise MergeError(f"--gguf-quant {quant!r}: choose one of {', '.join(GGUF_QUANTS)}")
+    check_gguf_tools(quant)
     with staging(out, overwrite) as tmp:
         hf = merge(run_dir, tmp / "hf-fp32", format="hf", dtype="fp32", base=base, from_dequantized=from_dequantized,
                    progress=progress)
