@@ -181,9 +181,15 @@ def test_llama_cpp_tokenizes_like_training(gguf_f16, run16):
         i = ids.index(32000)
         assert llm.tokenize(before.encode(), add_bos=True, special=True) == ids[:i], question
         assert llm.tokenize(after.encode(), add_bos=False, special=True) == ids[i + 1:], question
-    turns = [("human", "Hi"), ("gpt", "Hello there."), ("human", "What now?")]  # text only, two rounds
-    assert llm.tokenize(tmpl.prompt(turns).encode(), add_bos=True, special=True) == encode_prompt(
-        turns, tok, tmpl, 32000, 1)
+    # A later round: llama.cpp puts SentencePiece's "▁" before text that follows a special token, so "</s>USER:"
+    # becomes "</s> ▁US ER :" where training has "</s> USER :" (known, documented in the README); the rest is equal.
+    turns = [("human", "Hi"), ("gpt", "Hello there."), ("human", "What now?")]
+    ours = encode_prompt(turns, tok, tmpl, 32000, 1)
+    theirs = llm.tokenize(tmpl.prompt(turns).encode(), add_bos=True, special=True)
+    k = ours.index(2) + 1
+    assert theirs[:k] == ours[:k] and theirs[k + 2:] == ours[k + 1:]
+    assert tok.convert_ids_to_tokens(ours[k:k + 1]) == ["USER"]
+    assert tok.convert_ids_to_tokens(theirs[k:k + 2]) == ["▁US", "ER"]
 
 
 @pytest.fixture(scope="module")
@@ -198,18 +204,163 @@ def held_out(tmp_path_factory):
         [r["image"] for r in records]
 
 
-def test_llama_cpp_answers_like_lora_llava(gguf_f16, run16, held_out):
+@pytest.fixture(scope="module")
+def answering_run(make_recipe):
+    """A tiny run trained until it answers ("A red triangle."): the 4-step ``trained_run`` is still near-random, its
+    logits so flat that f16 rounding alone changes its greedy tokens (its text-only answers differ from the fp32
+    model's as much as llama.cpp's do, while llama.cpp's logits are within 4e-3 of transformers')."""
     _llama_cpp()
+    from lora_llava.config.recipe import recipe_from_dict
+    from lora_llava.train.sft import train
+
+    raw = make_recipe(model={"attn_implementation": "sdpa"}, quant={"bits": 16}, data={"template": "auto"},
+                      train={"stage": 2, "learning_rate": 1e-2, "projector_lr": 1e-2, "max_steps": 80})
+    return train(recipe_from_dict(raw))
+
+
+def _cls_last(embeddings):
+    """transformers' CLIP embeddings as llama.cpp's LLaVA graph orders them (llama.cpp issue #25814): the class token
+    after the patches, position embeddings 0..n in that order; LLaVA then drops the first row (patch 0, not CLS)."""
+
+    def forward(pixel_values, interpolate_pos_encoding=False, **_):
+        patches = embeddings.patch_embedding(pixel_values.to(embeddings.patch_embedding.weight.dtype))
+        patches = patches.flatten(2).transpose(1, 2)
+        cls = embeddings.class_embedding.expand(patches.shape[0], 1, -1)
+        return torch.cat([patches, cls], dim=1) + embeddings.position_embedding(embeddings.position_ids)
+
+    return forward
+
+
+def _image_features(model, pixels, cls_last=False):
+    tower = model.model.vision_tower.embeddings
+    original = tower.forward
+    if cls_last:
+        tower.forward = _cls_last(tower)
+    try:
+        with torch.no_grad():
+            out = model.get_image_features(pixel_values=pixels)
+    finally:
+        tower.forward = original
+    out = getattr(out, "pooler_output", out)
+    out = torch.cat(list(out)) if isinstance(out, (list, tuple)) else out
+    return out.reshape(-1, out.shape[-1]).numpy()
+
+
+def _llama_cpp_image_features(gguf_dir, rgb: np.ndarray) -> np.ndarray:
+    """The image embeddings llama.cpp (mtmd) gives the language model for an RGB image."""
+    import ctypes
+
+    llama_cpp = _llama_cpp()
+    import llama_cpp.mtmd_cpp as mtmd
+
+    llm = llama_cpp.Llama(model_path=str(gguf_dir / "model-f16.gguf"), n_ctx=512, verbose=False)
+    params = mtmd.mtmd_context_params_default()
+    params.use_gpu = False
+    ctx = mtmd.mtmd_init_from_file(str(gguf_dir / "mmproj-f16.gguf").encode(), llm.model, params)
+    try:
+        h, w, _ = rgb.shape
+        bitmap = mtmd.mtmd_bitmap_init(w, h, (ctypes.c_uint8 * rgb.size).from_buffer(bytearray(rgb.tobytes())))
+        chunks = mtmd.mtmd_input_chunks_init()
+        text = mtmd.mtmd_input_text()
+        text.text, text.text_len, text.add_special, text.parse_special = \
+            MEDIA_MARKER.encode(), len(MEDIA_MARKER), False, True
+        assert mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
+        for i in range(mtmd.mtmd_input_chunks_size(chunks)):
+            chunk = mtmd.mtmd_input_chunks_get(chunks, i)
+            if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
+                assert mtmd.mtmd_encode_chunk(ctx, chunk) == 0
+                width = llm.n_embd()
+                embd = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(ctx), shape=(n * width,))
+                return embd.reshape(n, width).copy()
+        raise AssertionError("no image chunk")
+    finally:
+        mtmd.mtmd_free(ctx)
+
+
+@pytest.fixture(scope="module")
+def image_features(gguf_f16, hf_fp32, run16):
+    """(llama.cpp's, transformers' LLaVA, transformers' with llama.cpp's CLS order) features of a random square
+    image of the tower's size (no padding or resizing on either side)."""
+    from PIL import Image
+    from transformers import LlavaForConditionalGeneration
+
+    rgb = np.random.default_rng(0).integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+    model = LlavaForConditionalGeneration.from_pretrained(str(hf_fp32), dtype=torch.float32)
+    pixels = run16.processor.image_processor(images=Image.fromarray(rgb), return_tensors="pt").pixel_values
+    return _llama_cpp_image_features(gguf_f16, rgb), _image_features(model, pixels), \
+        _image_features(model, pixels, cls_last=True)
+
+
+def test_llama_cpp_computes_our_mmproj_as_its_graph_defines(image_features):
+    """The mmproj is read as written: llama.cpp's image embeddings equal transformers' CLIP + projector run in the
+    token order of llama.cpp's LLaVA graph, to f16 precision."""
+    got, _, cls_last = image_features
+    assert got.shape == cls_last.shape == (16, 64)
+    np.testing.assert_allclose(got, cls_last, atol=1e-2, rtol=0)
+
+
+@pytest.mark.xfail(strict=True, reason="llama.cpp (as vendored by llama-cpp-python 0.3.36) appends CLIP's class token "
+                   "after the patches in its LLaVA graph while its inputs assume it first (issue #25814, fix in PR "
+                   "#25844): every patch gets its neighbour's position embedding, patch 0 is dropped and the class "
+                   "token is fed to the LLM. No mmproj can undo that. Passes (and must be un-marked) once fixed.")
+def test_llama_cpp_image_features_equal_llava(image_features):
+    got, llava, _ = image_features
+    np.testing.assert_allclose(got, llava, atol=1e-2, rtol=0)
+
+
+def test_llama_cpp_answers_like_lora_llava(answering_run, held_out, tmp_path):
     from lora_llava.infer.generate import generate_answers
 
+    out = merge(answering_run.output_dir, tmp_path / "gguf", format="gguf", progress=False).out
     folder, questions, images = held_out
-    ours = generate_answers(run16.model, run16.processor, [[("human", f"<image>\n{q}")] for q in questions],
-                            [[i] for i in images], str(folder), template="vicuna_v1", max_new_tokens=12)
-    theirs = llama_cpp_answers(gguf_f16 / "model-f16.gguf", gguf_f16 / "mmproj-f16.gguf", questions,
+    ours = generate_answers(answering_run.model, answering_run.processor,
+                            [[("human", f"<image>\n{q}")] for q in questions], [[i] for i in images], str(folder),
+                            template="vicuna_v1", max_new_tokens=12)
+    theirs = llama_cpp_answers(out / "model-f16.gguf", out / "mmproj-f16.gguf", questions,
                                [folder / i for i in images])
     same = sum(a == b for a, b in zip(ours, theirs, strict=True))
-    print(f"llama.cpp f16 vs lora-llava chat: {same}/{len(ours)} greedy answers equal")
+    print(f"\nllama.cpp f16 vs lora-llava chat: {same}/{len(ours)} greedy answers equal")
     for a, b in zip(ours, theirs, strict=True):
         if a != b:
             print(f"  lora-llava {a!r} | llama.cpp {b!r}")
     assert same >= 0.95 * len(ours)
+
+
+def test_quantized_variants_through_the_cli(answering_run, held_out, tmp_path, capsys):
+    """q8_0 and q4_k_m through `lora-llava merge --format gguf --gguf-quant` (llama.cpp's quantizer); their agreement
+    with lora-llava is printed, not asserted: on a 64-wide random model it says little about a real one."""
+    from lora_llava.cli.main import main
+    from lora_llava.infer.generate import generate_answers
+
+    run = answering_run
+    folder, questions, images = held_out
+    ours = generate_answers(run.model, run.processor, [[("human", f"<image>\n{q}")] for q in questions],
+                            [[i] for i in images], str(folder), template="vicuna_v1", max_new_tokens=12)
+    expected = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_k_m": None}
+    for quant, qtype in expected.items():
+        out = tmp_path / quant
+        assert main(["merge", str(run.output_dir), "--format", "gguf", "--gguf-quant", quant, "--out",
+                     str(out)]) == 0
+        assert f"written to {out} (gguf, {quant})" in capsys.readouterr().out
+        assert sorted(p.name for p in out.iterdir()) == ["lora_llava.json", "mmproj-f16.gguf", f"model-{quant}.gguf"]
+        types = {t.name: t.tensor_type for t in gguf.GGUFReader(str(out / f"model-{quant}.gguf")).tensors}
+        if qtype is not None:
+            assert types["blk.0.attn_q.weight"] == qtype
+        else:  # 64-wide rows are not a multiple of q4_K's 256: llama.cpp falls back to a 32-block type
+            assert types["blk.0.attn_q.weight"] not in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32)
+        mm = {t.tensor_type for t in gguf.GGUFReader(str(out / "mmproj-f16.gguf")).tensors}
+        assert mm <= {gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32}
+        theirs = llama_cpp_answers(out / f"model-{quant}.gguf", out / "mmproj-f16.gguf", questions,
+                                   [folder / i for i in images])
+        same = sum(a == b for a, b in zip(ours, theirs, strict=True))
+        with capsys.disabled():
+            print(f"\nllama.cpp {quant} vs lora-llava chat: {same}/{len(ours)} greedy answers equal "
+                  f"(tensor types: {', '.join(f'{k} {v}' for k, v in sorted(_type_counts(types).items()))})")
+
+
+def _type_counts(types: dict) -> dict:
+    counts: dict = {}
+    for t in types.values():
+        counts[t.name] = counts.get(t.name, 0) + 1
+    return counts
