@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -150,7 +150,7 @@ def _text_config(config: dict) -> dict:
     return text
 
 
-def _vocab(vocab_size: int, pad_id: int | None) -> tuple[list[bytes], list[float], list[int]]:
+def _vocab(vocab_size: int) -> tuple[list[bytes], list[float], list[int]]:
     pieces = llama2_sentencepiece_pieces()
     tokens = [p.encode() for p, _, _ in pieces]
     scores = [s for _, s, _ in pieces]
@@ -192,9 +192,8 @@ def _write_language_model(path: Path, config: dict, tensors: _Tensors, tokenizer
         w.add_rope_freq_base(theta)
         w.add_layer_norm_rms_eps(float(text.get("rms_norm_eps", 1e-5)))
         w.add_vocab_size(vocab)
-        tokens, scores, types = _vocab(vocab, tokenizer.pad_token_id)
+        tokens, scores, types = _vocab(vocab)
         w.add_tokenizer_model("llama")
-        w.add_tokenizer_pre("default")
         w.add_token_list(tokens)
         w.add_token_scores(scores)
         w.add_token_types(types)
@@ -326,10 +325,6 @@ def _quantize(src: Path, dst: Path, quant: str) -> None:
         raise MergeError(f"llama.cpp's quantizer failed on {src.name} -> {quant} (return code {rc})")
 
 
-def _iter_files(folder: Path) -> Iterator[Path]:
-    yield from sorted(folder.glob("*.gguf"))
-
-
 def check_gguf_tools(quant: str) -> None:
     """Fail before any work when the packages ``--gguf-quant quant`` needs are missing."""
     if quant not in GGUF_QUANTS:
@@ -361,4 +356,4 @@ def write_gguf(hf_export: Path, out: Path, quant: str = "f16", name: str = "lora
     if quant != "f16":
         _quantize(f16, out / lm_name, quant)
         f16.unlink()
-    return sum(p.stat().st_size for p in _iter_files(out))
+    return sum(p.stat().st_size for p in out.glob("*.gguf"))
