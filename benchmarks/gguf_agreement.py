@@ -2,7 +2,8 @@
 
 For a run folder and its held-out data (LLaVA JSON, one question per record), the script answers every question with
 ``lora-llava chat``'s code on the run folder (the model as trained, 4-bit included) and on the hf merge (exactly the
-weights the GGUF files carry), then merges the run to ``--format gguf`` at each quant type (``--from-dequantized`` for a
+weights the GGUF files carry; once more with CLIP's tokens in the order llama.cpp's LLaVA graph uses, llama.cpp
+issue #25814), then merges the run to ``--format gguf`` at each quant type (``--from-dequantized`` for a
 4-bit run) and answers with llama.cpp through llama-cpp-python's LLaVA-1.5 handler (mtmd) given the export's chat
 template. It prints, per quant type, how many answers equal each reference.
 
@@ -44,6 +45,27 @@ def llama_cpp_answers(model_path: Path, mmproj: Path, questions: list[str], imag
     return answers
 
 
+def cls_last_order(model):
+    """Run ``model``'s CLIP embeddings in the token order of llama.cpp's LLaVA graph (llama.cpp issue #25814: the
+    class token after the patches, position embeddings 0..n in that order); returns a function that undoes it."""
+    import torch
+
+    emb = next(m for m in model.modules() if type(m).__name__ == "CLIPVisionEmbeddings")
+    original = emb.forward
+
+    def forward(pixel_values, interpolate_pos_encoding=False, **_):
+        patches = emb.patch_embedding(pixel_values.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = emb.class_embedding.expand(patches.shape[0], 1, -1)
+        return torch.cat([patches, cls], dim=1) + emb.position_embedding(emb.position_ids)
+
+    emb.forward = forward
+
+    def undo() -> None:
+        emb.forward = original
+
+    return undo
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir")
@@ -75,6 +97,12 @@ def main() -> None:
             refs[name] = generate_answers(loaded.model, loaded.processor, turns, [[i] for i in images],
                                           args.image_folder, template=loaded.template,
                                           max_new_tokens=args.max_new_tokens)
+            if name == "hf merge":
+                undo = cls_last_order(loaded.model)
+                refs["hf merge in llama.cpp's CLS order"] = generate_answers(
+                    loaded.model, loaded.processor, turns, [[i] for i in images], args.image_folder,
+                    template=loaded.template, max_new_tokens=args.max_new_tokens)
+                undo()
             del loaded
         for quant in args.quants.split(","):
             t0 = time.perf_counter()
