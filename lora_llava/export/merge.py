@@ -29,6 +29,7 @@ from ..llava.tokenizer import image_token_id, is_llama2_sentencepiece_vocab, sen
 from ..model.loading import added_rows
 from ..run.folder import RunFolder
 from .chat_template import VICUNA_CHAT_TEMPLATE, padding_image_processor
+from .gguf import check_gguf_tools, gguf_file_names, write_gguf
 from .safetensors_io import ShardWriter, iter_tensors, largest_shard, low_memory_allocator, staging
 
 logger = logging.getLogger(__name__)
@@ -227,13 +228,16 @@ def _dequantizer(recipe, train_dtype: torch.dtype):
 
 def merge(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: str = "bf16", base: str | None = None,
           from_dequantized: bool = False, overwrite: bool = False, max_shard_size: int | None = None,
-          progress: bool = True) -> MergeResult:
-    """Merge a run folder into an export; see the module docstring. ``format``: ``hf`` or ``llava``."""
+          progress: bool = True, gguf_quant: str = "f16") -> MergeResult:
+    """Merge a run folder into an export; see the module docstring. ``format``: ``hf``, ``llava`` or ``gguf``
+    (llama.cpp: ``model-{gguf_quant}.gguf`` + ``mmproj-f16.gguf``, see :mod:`lora_llava.export.gguf`)."""
     from tqdm.auto import tqdm
     from transformers import AutoProcessor
 
+    if format == "gguf":
+        return _merge_gguf(run_dir, Path(out), base, from_dequantized, overwrite, progress, gguf_quant)
     if format not in ("hf", "llava"):
-        raise MergeError(f"--format {format!r}: choose hf or llava")
+        raise MergeError(f"--format {format!r}: choose hf, llava or gguf")
     if dtype not in _DTYPES:
         raise MergeError(f"--dtype {dtype!r}: choose one of {', '.join(_DTYPES)}")
     out, out_dtype = Path(out), _DTYPES[dtype]
@@ -307,6 +311,27 @@ def merge(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: str =
     logger.info("merged %d LoRA modules; wrote %s (%s layout, %s, %.2f GB)", len(merged), out, format, dtype,
                 writer.total / 1e9)
     return MergeResult(out, format, len(merged), len(written) + len(run.projector), writer.total)
+
+
+def _merge_gguf(run_dir, out: Path, base, from_dequantized: bool, overwrite: bool, progress: bool,
+                quant: str) -> MergeResult:
+    """The llava-hf export in fp32 (inside the staging folder, so nothing is rounded twice), then the GGUF files
+    from it tensor by tensor; the intermediate export is deleted before the rename. Needs the disk of an fp32 export
+    for a while."""
+    import shutil
+
+    check_gguf_tools(quant)
+    with staging(out, overwrite) as tmp:
+        hf = merge(run_dir, tmp / "hf-fp32", format="hf", dtype="fp32", base=base, from_dequantized=from_dequantized,
+                   progress=progress)
+        total = write_gguf(hf.out, tmp, quant, name=out.name)
+        info = json.loads((hf.out / EXPORT_INFO_FILE).read_text())
+        shutil.rmtree(hf.out)
+        lm, mmproj = gguf_file_names(quant)
+        (tmp / EXPORT_INFO_FILE).write_text(json.dumps(
+            dict(info, format="gguf", dtype=quant, model=lm, mmproj=mmproj), indent=2))
+    logger.info("wrote %s (gguf, %s, %.2f GB)", out, quant, total / 1e9)
+    return MergeResult(out, "gguf", hf.merged_modules, hf.tensors, total)
 
 
 def _write_slow_tokenizer(folder: Path, tok) -> None:

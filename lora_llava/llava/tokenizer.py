@@ -25,8 +25,8 @@ from ..files import read_json
 from .constants import IMAGE_TOKEN, PAD_TOKEN
 
 __all__ = ["SENTENCEPIECE_MODEL", "add_llava_tokens", "encode_like_sentencepiece", "image_token_id",
-           "is_llama2_sentencepiece", "is_llama2_sentencepiece_vocab", "load_folder_tokenizer", "load_tokenizer",
-           "sentencepiece_model_bytes", "vicuna_tokenizer"]
+           "is_llama2_sentencepiece", "is_llama2_sentencepiece_vocab", "llama2_sentencepiece_pieces",
+           "load_folder_tokenizer", "load_tokenizer", "sentencepiece_model_bytes", "vicuna_tokenizer"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,17 @@ def _pieces(data: bytes) -> list[tuple[str, float, int]] | None:
     except Exception:  # noqa: BLE001 - any unreadable model is simply "not the Llama-2 one"
         return None
     return [(p.piece, round(p.score, 4), p.type) for p in model.pieces]
+
+
+def llama2_sentencepiece_pieces() -> list[tuple[str, float, int]]:
+    """(piece, score, type) of every piece of the shipped Llama-2 SentencePiece model, scores unrounded; ``type`` is
+    SentencePiece's (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte), the values GGUF's token
+    types use too."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    model = pb.ModelProto()
+    model.ParseFromString(sentencepiece_model_bytes())
+    return [(p.piece, p.score, p.type) for p in model.pieces]
 
 
 @functools.lru_cache(maxsize=1)
