@@ -25,11 +25,13 @@ from ._shared.machine import command_line
 
 
 def llama_cpp_answers(model_path: Path, mmproj: Path, questions: list[str], images: list[Path],
-                      max_tokens: int) -> list[str]:
+                      max_tokens: int, n_ctx: int = 1024, n_threads: int | None = None) -> list[str]:
+    """Greedy answers of llama.cpp (llama-cpp-python's LLaVA-1.5 handler, given the export's own chat template
+    instead of its built-in one) to one question about each image."""
     import llama_cpp
     from llama_cpp.llama_chat_format import Llava15ChatHandler
 
-    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=1024, verbose=False, seed=0)
+    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=n_ctx, n_threads=n_threads, verbose=False, seed=0)
     handler = Llava15ChatHandler(clip_model_path=str(mmproj), verbose=False)
     handler.DEFAULT_SYSTEM_MESSAGE = None  # the export's template carries vicuna_v1's system prompt
     handler.CHAT_FORMAT = llm.metadata["tokenizer.chat_template"]

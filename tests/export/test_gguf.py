@@ -135,33 +135,12 @@ def test_gguf_bad_quant(run16, tmp_path):
 # llama.cpp itself (llama-cpp-python).
 
 
-def _handler(llama_cpp, mmproj, template):
-    """llama-cpp-python's LLaVA-1.5 handler (mtmd) with the export's own chat template instead of its built-in one
-    (which has another system prompt and other separators than LLaVA-1.5's training format)."""
-    from llama_cpp.llama_chat_format import Llava15ChatHandler
-
-    handler = Llava15ChatHandler(clip_model_path=str(mmproj), verbose=False)
-    handler.DEFAULT_SYSTEM_MESSAGE = None  # the template carries vicuna_v1's system prompt
-    handler.CHAT_FORMAT = template
-    return handler
-
-
 def llama_cpp_answers(model_path, mmproj, questions, image_paths, max_tokens=12):
-    """Greedy answers of llama.cpp (llama-cpp-python) to one question about each image."""
-    import base64
+    """Greedy answers of llama.cpp (llama-cpp-python) to one question about each image (the benchmark's function)."""
+    _llama_cpp()
+    from benchmarks.gguf_agreement import llama_cpp_answers as answers
 
-    llama_cpp = _llama_cpp()
-    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=512, n_threads=2, verbose=False, seed=0)
-    llm.chat_handler = _handler(llama_cpp, mmproj, llm.metadata["tokenizer.chat_template"])
-    answers = []
-    for question, path in zip(questions, image_paths, strict=True):
-        uri = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
-        out = llm.create_chat_completion(
-            messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": uri}},
-                                                   {"type": "text", "text": question}]}],
-            temperature=0.0, top_k=1, repeat_penalty=1.0, max_tokens=max_tokens)
-        answers.append(out["choices"][0]["message"]["content"].strip())
-    return answers
+    return answers(model_path, mmproj, questions, image_paths, max_tokens, n_ctx=512, n_threads=2)
 
 
 def test_llama_cpp_tokenizes_like_training(gguf_f16, run16):
