@@ -50,7 +50,8 @@ def sentencepiece_model_bytes() -> bytes:
     return resources.files("lora_llava").joinpath("assets", SENTENCEPIECE_MODEL).read_bytes()
 
 
-def _pieces(data: bytes) -> list[tuple[str, float, int]] | None:
+def _read_pieces(data: bytes) -> tuple[tuple[str, float, int], ...] | None:
+    """(piece, score, type) of a serialized SentencePiece model; None when it is not one."""
     try:
         from sentencepiece import sentencepiece_model_pb2 as pb
 
@@ -58,34 +59,30 @@ def _pieces(data: bytes) -> list[tuple[str, float, int]] | None:
         model.ParseFromString(data)
     except Exception:  # noqa: BLE001 - any unreadable model is simply "not the Llama-2 one"
         return None
-    return [(p.piece, round(p.score, 4), p.type) for p in model.pieces]
-
-
-def llama2_sentencepiece_pieces() -> list[tuple[str, float, int]]:
-    """(piece, score, type) of every piece of the shipped Llama-2 SentencePiece model, scores unrounded; ``type`` is
-    SentencePiece's (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte), the values GGUF's token
-    types use too."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    model = pb.ModelProto()
-    model.ParseFromString(sentencepiece_model_bytes())
-    return [(p.piece, p.score, p.type) for p in model.pieces]
+    return tuple((p.piece, p.score, p.type) for p in model.pieces)
 
 
 @functools.lru_cache(maxsize=1)
-def _llama2_pieces() -> list[tuple[str, float, int]]:
-    return _pieces(sentencepiece_model_bytes()) or []
+def llama2_sentencepiece_pieces() -> tuple[tuple[str, float, int], ...]:
+    """(piece, score, type) of every piece of the shipped Llama-2 SentencePiece model; ``type`` is SentencePiece's
+    (1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte), the values GGUF's token types use too."""
+    return _read_pieces(sentencepiece_model_bytes()) or ()
+
+
+def _rounded(pieces) -> list[tuple[str, float, int]]:
+    return [(piece, round(score, 4), kind) for piece, score, kind in pieces]
 
 
 def is_llama2_sentencepiece(path: str | Path) -> bool:
     """Is the SentencePiece model at ``path`` the Llama-2 / Vicuna vocabulary (same pieces, scores and types)?"""
-    return _pieces(Path(path).read_bytes()) == _llama2_pieces()
+    pieces = _read_pieces(Path(path).read_bytes())
+    return pieces is not None and _rounded(pieces) == _rounded(llama2_sentencepiece_pieces())
 
 
 def is_llama2_sentencepiece_vocab(tokenizer) -> bool:
     """Are the first 32,000 tokens of ``tokenizer`` the Llama-2 SentencePiece pieces (so the shipped
     ``tokenizer.model`` describes it)?"""
-    pieces = _llama2_pieces()
+    pieces = llama2_sentencepiece_pieces()
     vocab = tokenizer.get_vocab()
     return len(vocab) >= len(pieces) and all(vocab.get(p) == i for i, (p, _, _) in enumerate(pieces))
 

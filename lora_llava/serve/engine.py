@@ -169,7 +169,11 @@ class Engine:
                         text = text[:-k]
                         break
             text = text.rstrip("\ufffd")
-        text = text.strip() if job.finish else text.lstrip().rstrip()
+        self._show(job, text.strip())
+
+    @staticmethod
+    def _show(job: Job, text: str) -> None:
+        """Emit what ``text`` adds to what was shown, then ``done`` once the job has finished."""
         if text.startswith(job.shown) and len(text) > len(job.shown):
             job.emit(("delta", text[len(job.shown):]))
             job.shown = text
@@ -224,8 +228,5 @@ class Engine:
         for job in batch:  # rows that ran out of steps without a decision
             if job.finish is None:
                 job.finish = "length"
-                text = _cut(tok.decode(job.tokens, skip_special_tokens=True), job.stops)[0].strip()
-                if text.startswith(job.shown) and len(text) > len(job.shown):
-                    job.emit(("delta", text[len(job.shown):]))
-                job.emit(("done", text, "length", len(job.tokens)))
+                self._show(job, _cut(tok.decode(job.tokens, skip_special_tokens=True), job.stops)[0].strip())
         logger.debug("batch of %d answered in %.2f s", len(batch), time.perf_counter() - started)
