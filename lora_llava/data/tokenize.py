@@ -10,13 +10,14 @@ answer and the separator that closes it). Everything else, BOS, system, question
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 from ..llava.constants import IGNORE_INDEX
 from ..llava.tokenizer import encode_like_sentencepiece
 from .sources import Sample
 from .templates import IMAGE_TAG, Template
 
-__all__ = ["Encoded", "SampleTooLong", "encode_prompt", "encode_sample"]
+__all__ = ["Encoded", "ImageTokens", "SampleTooLong", "encode_prompt", "encode_sample"]
 
 
 class SampleTooLong(ValueError):
@@ -30,8 +31,22 @@ class Encoded:
     truncated: bool = False
 
 
+ImageTokens = int | Sequence[int]
+"""Image tokens per image: one count for all (LLaVA-1.5: 576), or one count per image in order (AnyRes: each image's
+count depends on its size, see :mod:`lora_llava.llava.anyres`)."""
+
+
+def _per_image(num_image_tokens: ImageTokens, images: int) -> list[int]:
+    if isinstance(num_image_tokens, int):
+        return [num_image_tokens] * images
+    counts = list(num_image_tokens)
+    if len(counts) != images:
+        raise ValueError(f"{images} <image> tags in the text but image token counts for {len(counts)} images")
+    return counts
+
+
 def _encode_segments(tokenizer, segments: list[tuple[str, bool]], image_token_id: int,
-                     num_image_tokens: int) -> tuple[list[int], list[int]]:
+                     num_image_tokens: ImageTokens) -> tuple[list[int], list[int]]:
     text = "".join(t for t, _ in segments)
     spans = []
     pos = 0
@@ -44,10 +59,11 @@ def _encode_segments(tokenizer, segments: list[tuple[str, bool]], image_token_id
     labels: list[int] = []
     offset = 0
     chunks = text.split(IMAGE_TAG)
+    counts = _per_image(num_image_tokens, len(chunks) - 1)
     for k, chunk in enumerate(chunks):
         if k > 0:
-            ids += [image_token_id] * num_image_tokens
-            labels += [IGNORE_INDEX] * num_image_tokens
+            ids += [image_token_id] * counts[k - 1]
+            labels += [IGNORE_INDEX] * counts[k - 1]
             offset += len(IMAGE_TAG)
         enc = encode_like_sentencepiece(tokenizer, chunk, add_special_tokens=(k == 0))
         for tid, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
@@ -64,7 +80,7 @@ def _encode_segments(tokenizer, segments: list[tuple[str, bool]], image_token_id
     return ids, labels
 
 
-def encode_sample(sample: Sample, tokenizer, template: Template, image_token_id: int, num_image_tokens: int,
+def encode_sample(sample: Sample, tokenizer, template: Template, image_token_id: int, num_image_tokens: ImageTokens,
                   max_length: int | None = None) -> Encoded:
     """Token ids and labels of a sample; raises ValueError when nothing would be supervised.
 
@@ -88,7 +104,7 @@ def encode_sample(sample: Sample, tokenizer, template: Template, image_token_id:
 
 
 def encode_prompt(turns: list[tuple[str, str]], tokenizer, template: Template, image_token_id: int,
-                  num_image_tokens: int) -> list[int]:
+                  num_image_tokens: ImageTokens) -> list[int]:
     """Token ids of a generation prompt (conversation ending on a human turn), tokenized exactly as in training."""
     segments = template.render(turns, add_generation_prompt=True)
     ids, _ = _encode_segments(tokenizer, segments, image_token_id, num_image_tokens)

@@ -12,10 +12,12 @@ planner can bound the worst case, without decoding a pixel or loading a model. T
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
+from typing import Any
 
-__all__ = ["DEFAULT_GRIDS", "anyres_image_tokens", "best_resolution", "grid_pinpoints", "limit_tiles", "max_tiles",
-           "worst_case_image_tokens"]
+__all__ = ["DEFAULT_GRIDS", "AnyresGrid", "anyres_image_tokens", "best_resolution", "grid_pinpoints", "limit_tiles",
+           "max_tiles", "worst_case_image_tokens"]
 
 DEFAULT_GRIDS: tuple[tuple[int, int], ...] = ((1, 2), (2, 1), (2, 2))
 """The grids (rows, columns of tiles) LLaVA-1.5-HD starts from: 2x2 (672x672 at 336 px) plus 1x2 and 2x1."""
@@ -83,3 +85,40 @@ def worst_case_image_tokens(tile: int, patch: int, pinpoints: Sequence[Sequence[
     side = tile // patch
     return max(anyres_image_tokens(h, w, tile, patch, pinpoints, strategy) for h, w in pinpoints
                ) if pinpoints else side * side
+
+
+@dataclasses.dataclass(frozen=True)
+class AnyresGrid:
+    """How a model cuts images: ``tile`` px tiles of ``patch`` px patches, grid resolutions ``pinpoints``
+    (``[height, width]`` pairs), the feature strategy. :meth:`tokens` counts one image's image tokens."""
+
+    tile: int
+    patch: int
+    pinpoints: tuple[tuple[int, int], ...]
+    strategy: str = "default"
+
+    @classmethod
+    def from_config(cls, config: Any) -> AnyresGrid | None:
+        """The grid of a transformers ``LlavaNextConfig`` (or its dict); None for a config without grid resolutions
+        (LLaVA-1.5: one 336-px view per image)."""
+        get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
+        pins = get("image_grid_pinpoints")
+        if not pins:
+            return None
+        vision = get("vision_config")
+        vget = vision.get if isinstance(vision, dict) else lambda k, d=None: getattr(vision, k, d)
+        return cls(int(vget("image_size")), int(vget("patch_size")), tuple((int(h), int(w)) for h, w in pins),
+                   get("vision_feature_select_strategy", "default") or "default")
+
+    def tokens(self, height: int, width: int) -> int:
+        """Image tokens of one ``height`` x ``width`` image."""
+        return anyres_image_tokens(height, width, self.tile, self.patch, self.pinpoints, self.strategy)
+
+    @property
+    def worst_case(self) -> int:
+        """The most image tokens one image can take."""
+        return worst_case_image_tokens(self.tile, self.patch, self.pinpoints, self.strategy)
+
+    @property
+    def max_tiles(self) -> int:
+        return max_tiles(self.pinpoints, self.tile)

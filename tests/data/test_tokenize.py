@@ -176,3 +176,17 @@ def test_custom_template_registration():
         TEMPLATES.pop("mine")
     with pytest.raises(ValueError, match="unknown template 'mine'; known: llava_v0, plain, vicuna_v1"):
         get_template("mine")
+
+
+def test_per_image_token_counts(vicuna_tokenizer):
+    """AnyRes: each image has its own count; the counts go to the images in order, and a wrong number of counts is
+    an error rather than a misaligned sample."""
+    tmpl = get_template("vicuna_v1")
+    turns = [("human", "<image>\nA <image> and B")]
+    ids = encode_prompt(turns, vicuna_tokenizer, tmpl, 32000, [3, 5])
+    runs = [len(r) for r in "".join("x" if i == 32000 else "." for i in ids).split(".") if r]
+    assert runs == [3, 5]
+    assert encode_prompt(turns, vicuna_tokenizer, tmpl, 32000, 4) == encode_prompt(turns, vicuna_tokenizer, tmpl,
+                                                                                    32000, [4, 4])
+    with pytest.raises(ValueError, match="2 <image> tags"):
+        encode_prompt(turns, vicuna_tokenizer, tmpl, 32000, [3])

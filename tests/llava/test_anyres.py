@@ -58,3 +58,17 @@ def test_best_resolution_and_tiles():
         limit_tiles(pins, 336, 1)
     # 576 base + 48x48 grid + 48 newlines: a square image fills the 2x2 grid with nothing un-padded.
     assert worst_case_image_tokens(336, 14, pins) == 576 + 48 * 48 + 48 == anyres_image_tokens(672, 672, 336, 14, pins)
+
+
+def test_grid_from_a_llava_next_config():
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+
+    from lora_llava.llava.anyres import AnyresGrid
+
+    config = LlavaNextConfig(vision_config=CLIPVisionConfig(image_size=336, patch_size=14).to_dict(),
+                             text_config=LlamaConfig().to_dict(), image_grid_pinpoints=grid_pinpoints(336))
+    grid = AnyresGrid.from_config(config)
+    assert grid == AnyresGrid.from_config(config.to_dict())
+    assert (grid.tile, grid.patch, grid.pinpoints) == (336, 14, ((336, 672), (672, 336), (672, 672)))
+    assert grid.tokens(480, 640) == anyres_image_tokens(480, 640, 336, 14, grid.pinpoints) and grid.max_tiles == 4
+    assert AnyresGrid.from_config({"vision_config": {"image_size": 336, "patch_size": 14}}) is None
