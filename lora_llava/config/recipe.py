@@ -217,6 +217,9 @@ def _cross_checks(r: Recipe, check_files: bool = True) -> list[str]:
         p.append("model: set either model.llava or model.llm, not both")
     if r.data.max_length < 8:
         p.append(f"data.max_length: {r.data.max_length} is too small to hold a prompt and an answer")
+    if r.data.max_tiles is not None and r.data.max_tiles < 1:
+        p.append(f"data.max_tiles: must be at least 1 (tiles per image, the base view not counted), got "
+                 f"{r.data.max_tiles}")
     if r.lora.r <= 0:
         p.append(f"lora.r: must be positive, got {r.lora.r}")
     p += _range_problems(r)

@@ -62,7 +62,12 @@ class DataSection:
     """Conversation template; ``auto`` = ``plain`` for stage 1, ``vicuna_v1`` for stage 2."""
     image_aspect_ratio: Literal["pad", "resize"] = "pad"
     max_length: int = 2048
-    """Longest sample in tokens, 576 image tokens per image included."""
+    """Longest sample in tokens, image tokens included (576 per image for LLaVA-1.5; an AnyRes model's depend on each
+    image's size, up to 2,928 with the default grid: such samples are dropped as too long, never cut)."""
+    max_tiles: int | None = None
+    """AnyRes models only: at most this many tiles per image (the base view not counted). The grid resolutions with
+    more tiles are removed from the model's and the processor's grid (and so from every export of the run); caps
+    image tokens, vision-tower work and memory. Unset = the model's grid as it is."""
     padding_free: bool = False
     """Flatten each batch into one row with restarting ``position_ids`` (flash-attn varlen); no padding at all."""
     on_bad_sample: Literal["error", "skip"] = "error"

@@ -11,8 +11,8 @@ from PIL import Image
 from ..errors import ImageError
 from ..llava.constants import CLIP_MEAN
 
-__all__ = ["MAX_PIXELS", "expand_to_square", "load_image", "mean_fill", "probe_image", "resolve_image_path",
-           "to_rgb"]
+__all__ = ["MAX_PIXELS", "expand_to_square", "image_header", "load_image", "mean_fill", "probe_image",
+           "resolve_image_path", "to_rgb"]
 MAX_PIXELS = 64_000_000
 """Images larger than this are refused (decompression-bomb guard); a 336 px model never needs more."""
 
@@ -28,9 +28,11 @@ def resolve_image_path(root: str | Path | None, relative: str) -> Path:
     return path
 
 
-def _read(root: str | Path | None, relative: str, decode: bool) -> tuple[os.stat_result, Image.Image | None]:
-    """The checks every image read makes (under ``root``, present, a format PIL reads, within :data:`MAX_PIXELS`);
-    with ``decode`` the pixels as RGB too. Any failure is an :class:`ImageError` naming the image."""
+def _read(root: str | Path | None, relative: str,
+          decode: bool) -> tuple[os.stat_result, tuple[int, int], Image.Image | None]:
+    """The checks every image read makes (under ``root``, present, a format PIL reads, within :data:`MAX_PIXELS`):
+    the file's ``stat``, its ``(height, width)`` from the header, and with ``decode`` the pixels as RGB. Any failure is
+    an :class:`ImageError` naming the image."""
     path = resolve_image_path(root, relative)
     if not path.is_file():
         raise ImageError(f"image '{relative}' not found (looked at '{path}')")
@@ -41,10 +43,11 @@ def _read(root: str | Path | None, relative: str, decode: bool) -> tuple[os.stat
             with Image.open(path) as im:
                 if im.width * im.height > MAX_PIXELS:
                     raise ImageError(f"image '{relative}' is {im.width}x{im.height}, over the {MAX_PIXELS} pixel limit")
+                size = (im.height, im.width)
                 if not decode:
-                    return stat, None
+                    return stat, size, None
                 im.load()
-                return stat, to_rgb(im)
+                return stat, size, to_rgb(im)
     except ImageError:
         raise
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning, Image.DecompressionBombError) as e:
@@ -55,6 +58,14 @@ def probe_image(root: str | Path | None, relative: str) -> os.stat_result:
     """Cheap checks of an image, without decoding its pixels: it exists under ``root``, its header names a format PIL
     reads and a size within :data:`MAX_PIXELS`. Returns the file's ``stat`` (size and time tell a changed file)."""
     return _read(root, relative, decode=False)[0]
+
+
+def image_header(root: str | Path | None, relative: str) -> tuple[os.stat_result, tuple[int, int]]:
+    """:func:`probe_image` plus the image's ``(height, width)``, read from its header (PIL opens lazily: no pixel is
+    decoded). That is the size the image processor sees: :func:`to_rgb` never changes it, and EXIF orientation is
+    not applied in training either."""
+    stat, size, _ = _read(root, relative, decode=False)
+    return stat, size
 
 
 def expand_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
@@ -91,7 +102,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def load_image(root: str | Path | None, relative: str, aspect: str = "pad",
                mean: tuple[float, float, float] = CLIP_MEAN) -> Image.Image:
     """Open an image under ``root`` as RGB, padded to a square when ``aspect == "pad"``."""
-    image = _read(root, relative, decode=True)[1]
+    image = _read(root, relative, decode=True)[2]
     if aspect == "pad":
         image = expand_to_square(image, mean_fill(mean))
     return image

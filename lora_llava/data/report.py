@@ -43,6 +43,10 @@ class DataReport:
     kept: int = 0
     truncated: int = 0
     too_long: int = 0
+    too_long_samples: list[str] = dataclasses.field(default_factory=list)
+    """Why the first :attr:`EXAMPLES` samples dropped as too long were (file, record, tokens, image tokens)."""
+    image_tokens: list[int] = dataclasses.field(default_factory=list)
+    """Image tokens of each record with images (all its images together), with an AnyRes grid (``data check``)."""
     lengths: list[int] = dataclasses.field(default_factory=list)
     """Token lengths before truncation of the records without problems (kept or dropped as too long)."""
     problems: list[Problem] = dataclasses.field(default_factory=list)
@@ -55,6 +59,8 @@ class DataReport:
     dump: Path | None = None
     cached: bool = False
     """The tokenized data came from the disk cache (training only)."""
+
+    EXAMPLES = 20
 
     @property
     def ok(self) -> bool:
@@ -106,10 +112,12 @@ class DataReport:
                 f"{self.too_long} dropped as too long, {len(self.problems)} skipped as bad")
         if self.problems:
             text += "; first: " + str(self.problems[0])
+        if self.too_long_samples:
+            text += "; first too long: " + self.too_long_samples[0]
         return text
 
     def to_json(self) -> dict:
         """What a run folder keeps as ``data_report.json``."""
         return {"records": self.records, "kept": self.kept, "with_image": self.with_image, "text_only": self.text_only,
                 "truncated": self.truncated, "too_long": self.too_long, "cached": self.cached,
-                "skipped": [str(p) for p in self.problems]}
+                "skipped": [str(p) for p in self.problems], "too_long_samples": self.too_long_samples}

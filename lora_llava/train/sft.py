@@ -18,6 +18,7 @@ import torch
 
 from ..data import LlavaDataset
 from ..errors import DataError, LaunchError, RecipeError, StorageError
+from ..llava.anyres import AnyresGrid, limit_tiles
 from ..llava.spec import config_image_token_id, config_image_tokens
 from ..model.projector import projector_state
 from ..model.runtime import resolve_dtype
@@ -28,7 +29,7 @@ from .launch import check_launch, detect_launch, device_map
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "build_datasets", "save_run", "sft_config", "train"]
+__all__ = ["TrainResult", "apply_max_tiles", "build_datasets", "save_run", "sft_config", "train"]
 
 
 @dataclasses.dataclass
@@ -68,9 +69,37 @@ def sft_config(recipe, model_dtype: torch.dtype):
     return SFTConfig(**kwargs)
 
 
+def apply_max_tiles(recipe, config, processor=None) -> AnyresGrid | None:
+    """Cap the tiles per image of an AnyRes model at ``data.max_tiles``: the grid resolutions with more tiles are
+    removed from the model ``config`` and from the ``processor``'s image processor alike (the model counts each
+    image's tiles from its config, the processor cuts them from its own list: they must agree, in training and in
+    every export of the run). Returns the grid in force (None for a LLaVA-1.5 model); a no-op without
+    ``data.max_tiles``. Raises :class:`RecipeError` when the cap leaves no resolution, or is set on a LLaVA-1.5
+    model."""
+    limit = recipe.data.max_tiles
+    grid = AnyresGrid.from_config(config)
+    if limit is None:
+        return grid
+    if grid is None:
+        raise RecipeError([f"data.max_tiles: {limit}, but the model has no AnyRes grid (a LLaVA-1.5 model sees one "
+                           "view per image); remove it, or set model.image_grid_pinpoints"], recipe.source)
+    try:
+        pins = limit_tiles(grid.pinpoints, grid.tile, limit)
+    except ValueError as e:
+        raise RecipeError([f"data.max_tiles: {e}"], recipe.source) from None
+    config.image_grid_pinpoints = pins
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is not None:
+        image_processor.image_grid_pinpoints = [list(p) for p in pins]
+    return AnyresGrid.from_config(config)
+
+
 def build_datasets(recipe, processor, config, train_records: Iterable[dict] | None = None,
                    eval_records: Iterable[dict] | None = None) -> tuple[LlavaDataset, LlavaDataset | None]:
-    """Tokenized train (and eval) datasets for the model ``config``: the recipe's files, or records given here."""
+    """Tokenized train (and eval) datasets for the model ``config``: the recipe's files, or records given here.
+
+    For an AnyRes model (a ``LlavaNextConfig`` with ``image_grid_pinpoints``) each image's token count comes from its
+    size and the config's grid (call :func:`apply_max_tiles` first so ``data.max_tiles`` is in the config)."""
     d = recipe.data
     if train_records is None and not d.train:
         raise DataError("data.train: no training data given (LLaVA JSON / JSONL files, Hugging Face datasets, or "
@@ -87,6 +116,7 @@ def build_datasets(recipe, processor, config, train_records: Iterable[dict] | No
         cache_dir=d.cache_dir if d.cache else False,
         image_position=d.image_position,
         seed=recipe.train.seed,
+        grid=AnyresGrid.from_config(config),
     )
     if train_records is not None:
         train_ds = LlavaDataset.from_records(train_records, **common)
@@ -242,6 +272,7 @@ def train(recipe, train_records: Iterable[dict] | None = None, eval_records: Ite
         with args.main_process_first(desc="demo model and data"):
             prepare_demo(recipe)
     model, processor = build_model(recipe, device_map(launch))
+    apply_max_tiles(recipe, model.config, processor)  # before the data: its token counts follow the capped grid
     with args.main_process_first(desc="tokenizing"):
         train_ds, eval_ds = build_datasets(recipe, processor, model.config, train_records, eval_records)
     trainer = build_trainer(recipe, model, processor, train_ds.to_hf(),

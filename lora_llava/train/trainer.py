@@ -18,6 +18,7 @@ from trl import SFTTrainer
 
 from ..data import LlavaCollator, ModalityLengthGroupedSampler
 from ..files import read_json
+from ..llava.anyres import AnyresGrid
 from ..model.projector import projector_parameters
 from ..run.folder import RunFolder
 from .checkpoints import load_trainable, save_trainable
@@ -199,6 +200,7 @@ def build_trainer(recipe, model, processor, train_dataset, eval_dataset=None, ar
             image_folder=recipe.data.image_folder,
             image_aspect_ratio=recipe.data.image_aspect_ratio,
             padding_free=recipe.data.padding_free,
+            grid=AnyresGrid.from_config(model.config),
         )
     trainer = LlavaSFTTrainer(
         model=model,
