@@ -98,15 +98,70 @@ def cmd_data_check(args) -> int:
     Checked: the schema (conversations alternating human/gpt, non-empty string values), the images (under the
     image folder, present, decodable), '<image>' tags against images, and token lengths with the training
     tokenization (template, tokenizer, image tokens, max_length), so truncated and dropped counts are training's.
+    For an AnyRes model (LLaVA-NeXT / LLaVA-1.5-HD: --model or --grid-pinpoints) each image counts its own tokens,
+    and the report gives their distribution per sample and names the samples that no longer fit --max-length.
     Exit code 0 when every record is usable, 1 when any is bad (all are listed), 2 on a bad command.
     """
     from ..data.check import check_data
 
     report = check_data(args.data, args.image_folder, template=args.template, tokenizer=args.tokenizer,
                         max_length=args.max_length, num_image_tokens=args.image_tokens, dump=args.dump,
-                        decode_images=not args.no_images_decode, workers=args.workers, progress=None)
+                        decode_images=not args.no_images_decode, workers=args.workers, progress=None,
+                        grid=_grid(args))
     print(report.format())
     return 0 if report.ok else 1
+
+
+def _pinpoints(text: str, tile: int) -> list[list[int]]:
+    """``default`` (LLaVA-1.5-HD's 1x2, 2x1, 2x2 grids of ``tile``), ``llava16`` (LLaVA-1.6's: + 1x3, 3x1) or
+    ``HxW,HxW,...`` in pixels."""
+    from ..llava.anyres import grid_pinpoints
+
+    if text == "default":
+        return grid_pinpoints(tile)
+    if text == "llava16":
+        return grid_pinpoints(tile, ((1, 2), (2, 1), (2, 2), (1, 3), (3, 1)))
+    pins = []
+    for part in text.split(","):
+        h, sep, w = part.strip().lower().partition("x")
+        if not sep or not h.isdigit() or not w.isdigit() or int(h) % tile or int(w) % tile or not int(h) * int(w):
+            raise UsageError(f"--grid-pinpoints: '{part}' is not HEIGHTxWIDTH in multiples of the {tile} px tile "
+                             "(e.g. 336x672,672x336,672x672), nor 'default' or 'llava16'")
+        pins.append([int(h), int(w)])
+    return pins
+
+
+def _grid(args):
+    """The AnyRes grid of --model / --grid-pinpoints (capped by --max-tiles), None for a fixed count per image."""
+    from ..errors import ModelError
+    from ..llava.anyres import AnyresGrid, limit_tiles
+    from ..llava.spec import read_config_dict
+
+    if args.model and args.grid_pinpoints:
+        raise UsageError("give --model or --grid-pinpoints, not both")
+    grid = None
+    if args.model:
+        try:
+            grid = AnyresGrid.from_config(read_config_dict(args.model, "--model"))
+        except ModelError as e:
+            raise UsageError(str(e)) from None
+        if grid is None:
+            raise UsageError(f"--model {args.model}: its config has no image_grid_pinpoints (not an AnyRes model); "
+                             "leave it out for LLaVA-1.5, whose images take --image-tokens each")
+    elif args.grid_pinpoints:
+        if args.tile_size % args.patch_size:
+            raise UsageError(f"--tile-size {args.tile_size} is not a multiple of --patch-size {args.patch_size}")
+        grid = AnyresGrid(args.tile_size, args.patch_size,
+                          tuple((h, w) for h, w in _pinpoints(args.grid_pinpoints, args.tile_size)))
+    if args.max_tiles is not None:
+        if grid is None:
+            raise UsageError("--max-tiles needs an AnyRes grid (--model or --grid-pinpoints)")
+        try:
+            grid = AnyresGrid(grid.tile, grid.patch, tuple(tuple(p) for p in limit_tiles(grid.pinpoints, grid.tile,
+                                                                                       args.max_tiles)), grid.strategy)
+        except ValueError as e:
+            raise UsageError(f"--max-tiles: {e}") from None
+    return grid
 
 
 def data_args(p: argparse.ArgumentParser) -> None:
@@ -125,7 +180,18 @@ def data_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--max-length", type=int, default=2048, metavar="N",
                    help="data.max_length of training (default 2048)")
     c.add_argument("--image-tokens", type=int, default=LLAVA15_IMAGE_TOKENS, metavar="N",
-                   help="tokens per image (default 576: CLIP ViT-L/14 at 336 px)")
+                   help="tokens per image (default 576: CLIP ViT-L/14 at 336 px); AnyRes models count per image")
+    c.add_argument("--model", metavar="DIR",
+                   help="an AnyRes (LLaVA-NeXT) checkpoint folder: its config's grid counts each image's tokens")
+    c.add_argument("--grid-pinpoints", metavar="GRID",
+                   help="count image tokens as an AnyRes model with these grid resolutions does: 'default' "
+                        "(LLaVA-1.5-HD: 336x672,672x336,672x672), 'llava16' (+ 336x1008,1008x336) or HxW,HxW,...")
+    c.add_argument("--tile-size", type=positive_int, default=336, metavar="PX",
+                   help="with --grid-pinpoints: the vision tower's image size (default 336)")
+    c.add_argument("--patch-size", type=positive_int, default=14, metavar="PX",
+                   help="with --grid-pinpoints: the vision tower's patch size (default 14)")
+    c.add_argument("--max-tiles", type=positive_int, metavar="N",
+                   help="data.max_tiles of training: only grid resolutions of at most N tiles")
     c.add_argument("--dump", metavar="FILE.jsonl",
                    help="write {id, input_ids, labels} of every record that would train, as training sees it")
     c.add_argument("--no-images-decode", action="store_true",

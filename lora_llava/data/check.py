@@ -5,6 +5,9 @@ after the model has loaded. This goes through all records up front: the schema (
 images (under the image folder, present, decodable by the same guarded :func:`load_image` the collator uses), the
 ``<image>`` tags, and the token lengths from the same :func:`encode_sample` training calls, so "truncated" and
 "dropped as too long" mean exactly what training would do with these records.
+
+With an AnyRes grid (LLaVA-NeXT / LLaVA-1.5-HD) each image's token count comes from its size, as in training: the
+report then gives the distribution of image tokens per sample and names the samples that no longer fit max_length.
 """
 
 from __future__ import annotations
@@ -21,10 +24,11 @@ from tqdm import tqdm
 
 from ..errors import DataError, ImageError, UsageError
 from ..files import BadLine, iter_jsonl, write_atomic
+from ..llava.anyres import AnyresGrid
 from ..llava.constants import LLAVA15_IMAGE_TOKENS, SPECIAL_TEXTS
 from ..llava.tokenizer import image_token_id as tokenizer_image_token_id
 from ..llava.tokenizer import load_tokenizer
-from .images import load_image, resolve_image_path
+from .images import image_header, load_image, resolve_image_path
 from .report import DataReport, Problem
 from .sources import Sample, is_hf_source, iter_file, iter_hf, place_image, sample_from_record
 from .templates import Template, get_template
@@ -88,21 +92,28 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _image_problems(job: tuple[str | None, list[str], bool]) -> list[str]:
-    """Problems of one record's images (module level, so a process pool can run it)."""
-    folder, images, decode = job
-    problems = []
+def _image_problems(job: tuple[str | None, list[str], bool, bool]) -> tuple[list[str], list[tuple[int, int] | None]]:
+    """Problems of one record's images, and each image's (height, width) (None when unknown); module level, so a
+    process pool can run it. Without ``decode``, only existence is checked, or the header read when ``sizes`` are
+    needed (an AnyRes grid)."""
+    folder, images, decode, need_size = job
+    problems, sizes = [], []
     for rel in images:
         try:
             if decode:
-                load_image(folder, rel, aspect="resize")  # no padding: only whether it decodes matters here
+                image = load_image(folder, rel, aspect="resize")  # no padding: only whether it decodes matters here
+                sizes.append((image.height, image.width))
+            elif need_size:
+                sizes.append(image_header(folder, rel)[1])
             else:
                 path = resolve_image_path(folder, rel)
                 if not path.is_file():
                     raise ImageError(f"image '{rel}' not found (looked at '{path}')")
+                sizes.append(None)
         except ImageError as e:
             problems.append(str(e))
-    return problems
+            sizes.append(None)
+    return problems, sizes
 
 
 def _special_texts(sample: Sample, entry: _Entry) -> list[Problem]:
@@ -129,7 +140,7 @@ def _parse(item: tuple[str, int, Any]) -> _Entry:
 def check_data(paths: Iterable[str | Path], image_folder: str | Path | None, template: str | Template = "vicuna_v1",
                tokenizer=None, max_length: int | None = 2048, num_image_tokens: int = LLAVA15_IMAGE_TOKENS,
                dump: str | Path | None = None, decode_images: bool = True, workers: int = 1,
-               progress: bool | None = False) -> DataReport:
+               progress: bool | None = False, grid: AnyresGrid | None = None) -> DataReport:
     """Check every record of LLaVA JSON / JSONL files and return a :class:`DataReport`; never stops at a bad one.
 
     ``tokenizer``: a tokenizer that has ``<image>`` (see :func:`load_tokenizer`), a local folder, or None for the
@@ -137,6 +148,8 @@ def check_data(paths: Iterable[str | Path], image_folder: str | Path | None, tem
     would train, exactly as training sees it; written to a temporary file beside it and renamed at the end, so an
     exception or Ctrl-C leaves no partial file. ``decode_images=False`` only checks that the images exist;
     ``workers > 1`` decodes them in that many processes. ``progress``: show a bar (None: only on a terminal).
+    ``grid``: the model's AnyRes grid; each image then counts the grid's tokens for its size instead of
+    ``num_image_tokens``, and the report holds each sample's image tokens (:attr:`DataReport.image_tokens`).
     Raises :class:`UsageError` when the check cannot run as asked.
     """
     paths = [Path(p) for p in paths]
@@ -164,7 +177,8 @@ def check_data(paths: Iterable[str | Path], image_folder: str | Path | None, tem
     image_token_id = tokenizer_image_token_id(tokenizer)
 
     report = DataReport(files=len(paths), template=tmpl.name, max_length=max_length,
-                         num_image_tokens=num_image_tokens, images_decoded=decode_images)
+                         num_image_tokens=num_image_tokens, images_decoded=decode_images,
+                         grid=_describe(grid) if grid is not None else "")
     # Counting records needs the files parsed; iter_file holds a whole JSON file in memory anyway.
     items = list(_iter_items(paths))
     folder = None if image_folder is None else str(image_folder)
@@ -176,7 +190,7 @@ def check_data(paths: Iterable[str | Path], image_folder: str | Path | None, tem
         for start in range(0, len(items), _BATCH):
             batch = items[start:start + _BATCH]
             entries = [item if isinstance(item, (_Entry, Problem)) else _parse(item) for item in batch]
-            jobs = [(folder, e.sample.images, decode_images) for e in entries
+            jobs = [(folder, e.sample.images, decode_images, grid is not None) for e in entries
                     if isinstance(e, _Entry) and e.sample is not None and e.sample.images]
             if pool is not None:
                 results = iter(pool.map(_image_problems, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
@@ -192,10 +206,15 @@ def check_data(paths: Iterable[str | Path], image_folder: str | Path | None, tem
                 if sample is not None:
                     report.with_image += bool(sample.images)
                     report.text_only += not sample.images
+                    counts: int | list[int] = num_image_tokens
                     if sample.images:
-                        entry.reasons += next(results)
-                    row = _encode(sample, entry, tokenizer, tmpl, image_token_id, num_image_tokens, max_length,
-                                  report)
+                        problems, sizes = next(results)
+                        entry.reasons += problems
+                        if grid is not None:
+                            # An unreadable image counts 0: the record is reported bad and never reaches a length.
+                            counts = [grid.tokens(*s) if s is not None else 0 for s in sizes]
+                    row = _encode(sample, entry, tokenizer, tmpl, image_token_id, counts, max_length, report,
+                                  grid is not None)
                     if row is not None and out is not None:
                         out.write(json.dumps(row, separators=(",", ":")) + "\n")
                 if entry.reasons:
@@ -230,8 +249,15 @@ def check_data(paths: Iterable[str | Path], image_folder: str | Path | None, tem
     return report
 
 
-def _encode(sample: Sample, entry: _Entry, tokenizer, template: Template, image_token_id: int, num_image_tokens: int,
-            max_length: int | None, report: DataReport) -> dict[str, Any] | None:
+def _describe(grid: AnyresGrid) -> str:
+    pins = ", ".join(f"{h}x{w}" for h, w in grid.pinpoints)
+    return (f"AnyRes grid of {grid.tile} px tiles ({pins}; up to {grid.max_tiles} tiles + the base view, "
+            f"at most {grid.worst_case} image tokens per image)")
+
+
+def _encode(sample: Sample, entry: _Entry, tokenizer, template: Template, image_token_id: int,
+            num_image_tokens: int | list[int], max_length: int | None, report: DataReport,
+            anyres: bool = False) -> dict[str, Any] | None:
     """Tokenize as training does and count the outcome; the dump row when the record would train, else None."""
     # Training's default data.image_position (first): the image of the first question goes to its front.
     sample = dataclasses.replace(sample, turns=place_image(sample.turns, "first"))
@@ -243,6 +269,9 @@ def _encode(sample: Sample, entry: _Entry, tokenizer, template: Template, image_
     if entry.reasons:
         return None  # a bad image: training skips or stops on it before its length matters
     report.lengths.append(len(full.input_ids))
+    image_tokens = sum(num_image_tokens) if isinstance(num_image_tokens, list) else 0
+    if anyres and sample.images:
+        report.image_tokens.append(image_tokens)
     enc = full
     if max_length is not None and len(full.input_ids) > max_length:
         # Only over-long samples are tokenized twice; encode_sample alone decides cut or drop, as in training.
@@ -250,6 +279,10 @@ def _encode(sample: Sample, entry: _Entry, tokenizer, template: Template, image_
             enc = encode_sample(sample, tokenizer, template, image_token_id, num_image_tokens, max_length)
         except SampleTooLong:
             report.too_long += 1
+            if len(report.too_long_samples) < report.EXAMPLES:
+                report.too_long_samples.append(
+                    f"{sample.where}{'' if sample.id is None else f' (id {sample.id!r})'}: {len(full.input_ids)} "
+                    f"tokens" + (f", {image_tokens} of them image tokens" if anyres and sample.images else ""))
             return None
     report.kept += 1
     report.truncated += enc.truncated

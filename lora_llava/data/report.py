@@ -55,6 +55,8 @@ class DataReport:
     template: str = ""
     max_length: int | None = None
     num_image_tokens: int = LLAVA15_IMAGE_TOKENS
+    grid: str = ""
+    """The AnyRes grid the image tokens were counted with (``data check``), empty for a fixed count per image."""
     images_decoded: bool = True
     dump: Path | None = None
     cached: bool = False
@@ -76,18 +78,50 @@ class DataReport:
         out["max"] = values[-1]
         return out
 
+    def image_token_stats(self) -> dict[str, int]:
+        """min, median, p95 (nearest rank) and max of :attr:`image_tokens`; empty when there is none."""
+        values = sorted(self.image_tokens)
+        if not values:
+            return {}
+        rank = lambda q: values[max(0, math.ceil(q / 100 * len(values)) - 1)]  # noqa: E731
+        return {"min": values[0], "median": rank(50), "p95": rank(95), "max": values[-1]}
+
+    def image_token_histogram(self, bins: int = 8, width: int = 40) -> list[str]:
+        """:attr:`image_tokens` in ``bins`` equal ranges, one text bar a line."""
+        values = self.image_tokens
+        if not values:
+            return []
+        low, high = min(values), max(values)
+        step = max(1, math.ceil((high - low + 1) / bins))
+        counts = [0] * math.ceil((high - low + 1) / step)
+        for v in values:
+            counts[(v - low) // step] += 1
+        top = max(counts)
+        bar = lambda n: "#" * max(1 if n else 0, n * width // top)  # noqa: E731
+        return [f"  {low + k * step:>6}-{low + (k + 1) * step - 1:<6} {n:>7}  {bar(n)}" for k, n in enumerate(counts)]
+
     def format(self, max_problems: int = 20) -> str:
         """A human-readable summary; the first ``max_problems`` problems are listed one a line."""
         malformed = self.records - self.with_image - self.text_only
         lines = [f"records: {self.records} in {self.files} file(s): {self.with_image} with image, "
                  f"{self.text_only} text-only" + (f", {malformed} malformed" if malformed else "")]
         stats = self.percentiles()
+        per_image = "AnyRes image tokens" if self.grid else f"{self.num_image_tokens} tokens per image"
         if stats:
-            lines.append(f"token lengths (template {self.template}, {self.num_image_tokens} tokens per image, before "
-                         "truncation): " + ", ".join(f"{k} {v}" for k, v in stats.items()))
+            lines.append(f"token lengths (template {self.template}, {per_image}, before truncation): "
+                         + ", ".join(f"{k} {v}" for k, v in stats.items()))
+        if self.grid:
+            lines.append(f"image tokens per sample with images, {self.grid}: "
+                         + (", ".join(f"{k} {v}" for k, v in self.image_token_stats().items()) or "none"))
+            lines += self.image_token_histogram()
         limit = "no max_length" if self.max_length is None else f"max_length {self.max_length}"
         lines.append(f"{limit}: {self.truncated} truncated, {self.too_long} dropped as too long; "
                      f"{self.kept} records would train")
+        if self.too_long_samples:
+            lines.append("too long for max_length (dropped by training, never cut inside the image tokens):")
+            lines += [f"  {t}" for t in self.too_long_samples[:max_problems]]
+            if self.too_long > min(len(self.too_long_samples), max_problems):
+                lines.append(f"  ... and {self.too_long - min(len(self.too_long_samples), max_problems)} more")
         if not self.images_decoded:
             lines.append("images: existence checked only (not decoded)")
         if self.warnings:

@@ -196,3 +196,49 @@ def test_padding_free_equals_padded_with_mixed_tile_counts(tmp_path, tokenizer, 
         theirs = model(**padded, use_cache=False).loss
     assert torch.allclose(loss_padded, loss_flat, atol=1e-5), (loss_padded, loss_flat)
     assert torch.allclose(loss_padded, theirs, atol=1e-5), (loss_padded, theirs)
+
+
+def test_data_check_reports_the_image_token_distribution_and_flags_what_no_longer_fits(tmp_path, capsys, tokenizer):
+    """`data check --grid-pinpoints default`: counts as training (same tokenizer, header sizes), the distribution of
+    image tokens per sample, and the samples too long for --max-length named with their image tokens."""
+    import json
+
+    from lora_llava.cli.main import main
+    from lora_llava.data.check import check_data
+
+    sizes = [(336, 336), (480, 640), (640, 480), (672, 672), (1000, 1000), (100, 1000)]
+    _write_images(tmp_path, sizes)
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(_records(sizes) + [{"id": "text", "conversations": [
+        {"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]}]))
+    grid = AnyresGrid(336, 14, tuple(map(tuple, grid_pinpoints(336))))
+    counts = [grid.tokens(h, w) for h, w in sizes]
+    assert counts[3] == counts[4] == 2928 and min(counts) < 2000  # the square ones fill the 2x2 grid
+
+    code = main(["data", "check", str(data), "--image-folder", str(tmp_path), "--grid-pinpoints", "default",
+                 "--max-length", "2048"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    ordered = sorted(counts)
+    assert (f"image tokens per sample with images, AnyRes grid of 336 px tiles (336x672, 672x336, 672x672; up to 4 "
+            f"tiles + the base view, at most 2928 image tokens per image): min {ordered[0]}, median {ordered[2]}, "
+            f"p95 {ordered[-1]}, max {ordered[-1]}") in out
+    bars = [line for line in out.splitlines() if "#" in line]
+    assert len(bars) >= 2 and sum(int(b.split()[1]) for b in bars) == len(sizes)
+    # 480 x 640 already takes 2340 image tokens: only the thin image and the text-only record fit 2048.
+    assert "4 dropped as too long" in out and "3 records would train" in out
+    too_long = out.split("never cut inside the image tokens):")[1]
+    assert all(f"record {k} (id 'r{k}'): " in too_long for k in (1, 2, 3, 4)) and "record 0" not in too_long
+    assert f"record 4 (id 'r4'): {counts[4] + 56} tokens, 2928 of them image tokens" in too_long
+    # The same counts training's dataset gives.
+    report = check_data([data], tmp_path, tokenizer=tokenizer, max_length=2048, grid=grid)
+    ds = _dataset(tmp_path, tokenizer, grid, sizes, max_length=2048, on_bad_sample="skip")
+    assert sorted(report.image_tokens) == ordered
+    assert (report.kept, report.too_long) == (ds.report.kept + 1, ds.report.too_long)  # + the text-only record
+    # Capped at 2 tiles (data.max_tiles: 2): everything fits.
+    code = main(["data", "check", str(data), "--image-folder", str(tmp_path), "--grid-pinpoints", "default",
+                 "--max-tiles", "2"])
+    out = capsys.readouterr().out
+    assert code == 0 and "0 dropped as too long" in out and "up to 2 tiles" in out
+    assert main(["data", "check", str(data), "--image-folder", str(tmp_path), "--grid-pinpoints", "336x500"]) == 2
+    assert "'336x500' is not HEIGHTxWIDTH in multiples of the 336 px tile" in capsys.readouterr().err
