@@ -5,6 +5,10 @@ memory; the fit verdict adds the CUDA context and allocator slack on top. The sh
 :class:`~lora_llava.llava.spec.ModelSpec`; the config fields of the published Vicuna-7B/13B v1.5, LLaVA-1.5 and
 CLIP ViT-L/14-336 checkpoints ship here, so the planner works offline for the shipped recipes; other checkpoints are
 read from their local ``config.json``.
+
+An AnyRes model (LLaVA-NeXT / LLaVA-1.5-HD) is planned at its worst case: every image cut into the most tiles its
+grid allows (``data.max_tiles`` caps them), all of them plus the base view through the vision tower and the
+projector, and the largest image-token count an image can take inside ``data.max_length``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import json
 from typing import Any
 
 from .errors import ModelError, PlanError
+from .llava.anyres import AnyresGrid, grid_pinpoints, limit_tiles
 from .llava.constants import DEFAULT_VISION_TOWER, padded_vocab
 from .llava.spec import ModelSpec
 
@@ -39,10 +44,23 @@ class Shapes:
     vision_layers: int
     image_size: int
     patch_size: int
+    grid: AnyresGrid | None = None
+    """The AnyRes grid (LLaVA-NeXT / LLaVA-1.5-HD), None for one view per image (LLaVA-1.5)."""
+
+    @property
+    def base_tokens(self) -> int:
+        """Image tokens of one view (one tile): 576 for CLIP ViT-L/14-336."""
+        return (self.image_size // self.patch_size) ** 2
 
     @property
     def image_tokens(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
+        """The most image tokens one image can take."""
+        return self.grid.worst_case if self.grid is not None else self.base_tokens
+
+    @property
+    def views(self) -> int:
+        """Tower-sized views of one image at worst: the base view, plus the most tiles of the grid."""
+        return 1 + self.grid.max_tiles if self.grid is not None else 1
 
 
 # config.json fields of the published checkpoints (what the estimate needs of them).
@@ -64,6 +82,19 @@ def _original(text: dict) -> dict:
             "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": -2}
 
 
+_LLAVA16_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+
+
+def _llava_next_hf(text: dict) -> dict:
+    return {**_llava_hf(text), "model_type": "llava_next", "image_grid_pinpoints": _LLAVA16_PINPOINTS,
+            "architectures": ["LlavaNextForConditionalGeneration"]}
+
+
+def _original_next(text: dict) -> dict:
+    return {**_original(text), "model_type": "llava", "image_aspect_ratio": "anyres",
+            "image_grid_pinpoints": _LLAVA16_PINPOINTS, "mm_patch_merge_type": "spatial_unpad"}
+
+
 KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     "lmsys/vicuna-7b-v1.5": _VICUNA_7B,
     "lmsys/vicuna-13b-v1.5": _VICUNA_13B,
@@ -73,6 +104,10 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     "llava-hf/llava-1.5-13b-hf": _llava_hf(_VICUNA_13B),
     "liuhaotian/llava-v1.5-7b": _original(_VICUNA_7B),
     "liuhaotian/llava-v1.5-13b": _original(_VICUNA_13B),
+    "llava-hf/llava-v1.6-vicuna-7b-hf": _llava_next_hf(_VICUNA_7B),
+    "llava-hf/llava-v1.6-vicuna-13b-hf": _llava_next_hf(_VICUNA_13B),
+    "liuhaotian/llava-v1.6-vicuna-7b": _original_next(_VICUNA_7B),
+    "liuhaotian/llava-v1.6-vicuna-13b": _original_next(_VICUNA_13B),
     DEFAULT_VISION_TOWER: _CLIP_L_336,
 }
 """config.json of the published checkpoints the shipped recipes name, so ``plan`` needs no download."""
@@ -86,12 +121,19 @@ def shapes_for(recipe) -> Shapes:
         raise PlanError(str(e)) from None
     t, v = spec.text, spec.vision_config
     vocab = t["vocab_size"]
+    pins = spec.config.get("image_grid_pinpoints") if spec.layout != "parts" else None
+    # A grid of the recipe's own (model.image_grid_pinpoints, on LLaVA-1.5 parts) wins over the checkpoint's.
+    pins = getattr(recipe.model, "image_grid_pinpoints", None) or pins
+    if isinstance(pins, str):  # a named grid: the default one (2x2 + 1x2 + 2x1) of the tower's size
+        pins = grid_pinpoints(v.image_size)
+    grid = AnyresGrid(v.image_size, v.patch_size, tuple((int(h), int(w)) for h, w in pins), spec.strategy) \
+        if pins else None
     return Shapes(hidden=t["hidden_size"], intermediate=t["intermediate_size"], layers=t["num_hidden_layers"],
                   heads=t["num_attention_heads"], kv_heads=t.get("num_key_value_heads") or t["num_attention_heads"],
                   # <image> and <pad> are added and the vocabulary padded to 64, as the llava-hf checkpoints do.
                   vocab=padded_vocab(vocab + 2) if vocab < 32064 else vocab,
                   vision_hidden=v.hidden_size, vision_intermediate=v.intermediate_size,
-                  vision_layers=v.num_hidden_layers, image_size=v.image_size, patch_size=v.patch_size)
+                  vision_layers=v.num_hidden_layers, image_size=v.image_size, patch_size=v.patch_size, grid=grid)
 
 
 _OPTIMIZER_BYTES = {  # optimizer state per trainable parameter
@@ -180,6 +222,12 @@ def plan(recipe, gpu_memory_gb: float, seq_len: int | None = None, shapes: Shape
     images = batch  # one image per sample (LLaVA-1.5 data)
     notes: list[str] = []
     parts: dict[str, float] = {}
+    if s.grid is not None and recipe.data.max_tiles is not None:
+        try:
+            capped = limit_tiles(s.grid.pinpoints, s.grid.tile, recipe.data.max_tiles)
+        except ValueError as e:
+            raise PlanError(f"data.max_tiles: {e}") from None
+        s = dataclasses.replace(s, grid=dataclasses.replace(s.grid, pinpoints=tuple(map(tuple, capped))))
 
     linear = _linear_params(s)
     if bits == 4:
@@ -192,7 +240,7 @@ def plan(recipe, gpu_memory_gb: float, seq_len: int | None = None, shapes: Shape
         parts[f"LLM linear weights ({8 * e}-bit)"] = linear * e
     parts["embeddings + lm_head + norms"] = (2 * s.vocab * s.hidden + (2 * s.layers + 1) * s.hidden) * e
     vd, vi = s.vision_hidden, s.vision_intermediate
-    vision = s.vision_layers * (4 * vd * vd + 2 * vd * vi + 9 * vd + vi) + (s.image_tokens + 1) * vd + \
+    vision = s.vision_layers * (4 * vd * vd + 2 * vd * vi + 9 * vd + vi) + (s.base_tokens + 1) * vd + \
         3 * s.patch_size**2 * vd + 4 * vd
     parts["vision tower (frozen)"] = vision * e
 
@@ -207,6 +255,8 @@ def plan(recipe, gpu_memory_gb: float, seq_len: int | None = None, shapes: Shape
         per_trainable = 4 + 4 + opt  # fp32 master weight + fp32 grad + optimizer state
     projector = vd * s.hidden + s.hidden + s.hidden * s.hidden + s.hidden
     parts["projector (weights, grads, optimizer)"] = projector * per_trainable
+    if s.grid is not None:
+        parts["image_newline (weights, grads, optimizer)"] = s.hidden * per_trainable
     n_lora = lora_params(s, recipe.lora.r, recipe.lora.target_modules) if stage2 else 0
     if stage2:
         parts[f"LoRA r={recipe.lora.r} (weights, grads, optimizer)"] = n_lora * per_trainable
@@ -222,14 +272,29 @@ def plan(recipe, gpu_memory_gb: float, seq_len: int | None = None, shapes: Shape
     # Backward working set: gradients of the hidden state and of the MLP intermediate, plus a dequantized weight.
     parts["backward working set"] = tokens * (2 * s.hidden + 2 * s.intermediate) * e + \
         (s.hidden * s.intermediate * e if bits == 4 else 0)
-    # Embeddings with the image features scattered in, the projector's inputs/outputs for backward.
+    # Embeddings with the image features scattered in, the projector's inputs/outputs for backward: on every view of
+    # every image (AnyRes: the base view and all tiles, before un-padding), plus the packed features of an AnyRes
+    # image (the grid rows, their newlines) that are scattered into the embeddings.
     parts["inputs embeds + projector activations"] = tokens * s.hidden * e * 2 + \
-        images * s.image_tokens * (vd + 3 * s.hidden) * e
-    # Answer-only loss: the LM head runs on supervised positions only; upper bound = every text token supervised.
-    supervised = batch * max(seq - s.image_tokens, 1)
+        images * s.views * s.base_tokens * (vd + 3 * s.hidden) * e + \
+        (images * min(s.image_tokens, seq) * s.hidden * e * 2 if s.grid is not None else 0)
+    # Answer-only loss: the LM head runs on supervised positions only; upper bound = every text token supervised
+    # (AnyRes: an image takes at least its base view's tokens).
+    supervised = batch * max(seq - (s.base_tokens if s.grid is not None else s.image_tokens), 1)
     parts["logits + loss (supervised tokens only)"] = supervised * s.vocab * (e + 12)
-    notes.append(f"assumes every sample is {seq} tokens with one image ({s.image_tokens} image tokens) and every text "
-                 "token supervised: an upper bound for real data")
+    if s.grid is None:
+        notes.append(f"assumes every sample is {seq} tokens with one image ({s.image_tokens} image tokens) and every "
+                     "text token supervised: an upper bound for real data")
+    else:
+        g = s.grid
+        notes.append(f"AnyRes grid of {g.tile} px tiles ({', '.join(f'{h}x{w}' for h, w in g.pinpoints)}): assumes "
+                     f"every sample is {seq} tokens with one image cut into {g.max_tiles} tiles + the base view "
+                     f"({s.views} x {s.base_tokens} features through the tower and the projector, up to "
+                     f"{s.image_tokens} image tokens) and every text token supervised: an upper bound for real data")
+        if s.image_tokens >= seq:
+            notes.append(f"an image can take {s.image_tokens} image tokens, more than data.max_length {seq}: such "
+                         "samples are dropped, never cut (lora-llava data check --grid-pinpoints lists them); raise "
+                         "data.max_length or cap data.max_tiles")
     return Plan(parts, notes, gpu_memory_gb * GiB, seq, batch)
 
 
@@ -254,7 +319,13 @@ def suggestions(recipe, gpu_memory_gb: float, seq_len: int | None = None) -> lis
         options.append({"train.trainable_dtype": "bfloat16"})
     if t.stage == 2 and recipe.lora.r > 64:
         options.append({"lora.r": 64, "lora.lora_alpha": 2 * 64})
-    if recipe.data.max_length > 1024:
+    grid = shapes_for(recipe).grid
+    if grid is not None:
+        # AnyRes: fewer tiles, not shorter samples (at 1024 tokens most high-resolution images would be dropped).
+        tiles = min(grid.max_tiles, recipe.data.max_tiles or grid.max_tiles)
+        if tiles > 2:
+            options.append({"data.max_tiles": 2})
+    elif recipe.data.max_length > 1024:
         options.append({"data.max_length": 1024})
     if len(options) > 1:
         options.append({k: v for o in options for k, v in o.items()})
