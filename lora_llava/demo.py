@@ -3,6 +3,11 @@
 The model is a real ``LlavaForConditionalGeneration`` (Llama text model, CLIP vision model, GELU projector) with the
 real Vicuna tokenizer, only small and randomly initialised; it is saved in the llava-hf layout and loaded back by
 the same code as a real checkpoint, 4-bit quantization included. The data are PNG files and a LLaVA-format JSON.
+
+``demo.anyres`` (``recipes/demo_hd.yaml``) makes the high-resolution variant instead: a real
+``LlavaNextForConditionalGeneration`` (LLaVA-NeXT / LLaVA-1.5-HD: 1x2, 2x1 and 2x2 grids of tower-sized tiles plus a
+downscaled view, a newline embedding per grid row) in the llava-next-hf layout, and images of 1 to 2 tiles a side in
+both directions, so each sample's image-token count differs.
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ QUESTIONS = (
 )
 
 
-def make_demo_model(out_dir: str | Path, image_size: int = 48, seed: int = 0, hidden_size: int = 128) -> Path:
-    """Write a tiny random LLaVA-1.5-shaped model + processor in the llava-hf layout to ``out_dir``."""
+def make_demo_model(out_dir: str | Path, image_size: int = 48, seed: int = 0, hidden_size: int = 128,
+                    anyres: bool = False) -> Path:
+    """Write a tiny random LLaVA-1.5-shaped model + processor in the llava-hf layout to ``out_dir``; with ``anyres``
+    a tiny LLaVA-NeXT (the default 1x2 / 2x1 / 2x2 grid of ``image_size`` tiles) in the llava-next-hf layout."""
     import torch
     from transformers import (
         CLIPImageProcessor,
@@ -40,8 +47,14 @@ def make_demo_model(out_dir: str | Path, image_size: int = 48, seed: int = 0, hi
         LlamaConfig,
         LlavaConfig,
         LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
         LlavaProcessor,
     )
+
+    from .llava.anyres import grid_pinpoints
 
     out_dir = Path(out_dir)
     tok = vicuna_tokenizer()
@@ -55,17 +68,23 @@ def make_demo_model(out_dir: str | Path, image_size: int = 48, seed: int = 0, hi
                        # A trained LLM's head gives confident logits; a random one at the usual 0.02 scale cannot
                        # (its largest logit margin stays near 1 with a frozen head), so the loss would barely move.
                        initializer_range=0.1)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id(tok),
-                         projector_hidden_act="gelu", vision_feature_layer=-2,
-                         vision_feature_select_strategy="default", image_seq_length=(image_size // patch) ** 2,
-                         pad_token_id=tok.pad_token_id)
+    common = dict(vision_config=vision, text_config=text, image_token_index=image_token_id(tok),
+                  projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
+                  image_seq_length=(image_size // patch) ** 2, pad_token_id=tok.pad_token_id)
+    size = dict(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                         crop_size={"height": image_size, "width": image_size})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               image_token="<image>")  # noqa: S106 - a token, not a password
+    if anyres:
+        pins = grid_pinpoints(image_size)
+        model = LlavaNextForConditionalGeneration(LlavaNextConfig(**common, image_grid_pinpoints=pins))
+        image_processor = LlavaNextImageProcessor(**size, image_grid_pinpoints=pins)
+        processor_cls = LlavaNextProcessor
+    else:
+        model = LlavaForConditionalGeneration(LlavaConfig(**common))
+        image_processor = CLIPImageProcessor(**size)
+        processor_cls = LlavaProcessor
+    processor = processor_cls(image_processor=image_processor, tokenizer=tok, patch_size=patch,
+                              vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                              image_token="<image>")  # noqa: S106 - a token, not a password
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -91,8 +110,9 @@ def _draw(colour: str, shape: str, width: int, height: int, rng: random.Random) 
 
 
 def make_shapes_data(out_dir: str | Path, train_samples: int, eval_samples: int, image_size: int = 48,
-                     seed: int = 0) -> tuple[Path, Path]:
-    """Write PNG images of one coloured shape each and LLaVA-format ``train.json`` / ``eval.json``."""
+                     seed: int = 0, anyres: bool = False) -> tuple[Path, Path]:
+    """Write PNG images of one coloured shape each and LLaVA-format ``train.json`` / ``eval.json``; with ``anyres``
+    each image is 1 to 2 ``image_size`` a side, in both directions (tall, wide, large), for a grid model."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -101,8 +121,11 @@ def make_shapes_data(out_dir: str | Path, train_samples: int, eval_samples: int,
         records = []
         for i in range(n):
             colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-            # Not square, so LLaVA-1.5's pad-to-square runs as it does on real photos.
-            w, h = image_size + rng.randint(0, image_size // 2), image_size
+            if anyres:
+                w, h = rng.randint(image_size, 2 * image_size), rng.randint(image_size, 2 * image_size)
+            else:
+                # Not square, so LLaVA-1.5's pad-to-square runs as it does on real photos.
+                w, h = image_size + rng.randint(0, image_size // 2), image_size
             name = f"images/{split}_{i:05d}.png"
             _draw(colour, shape, w, h, rng).save(out_dir / name)
             question = rng.choice(QUESTIONS)
@@ -124,9 +147,10 @@ def prepare_demo(recipe) -> None:
     model_dir = Path(recipe.model.llava)
     if not (model_dir / "config.json").is_file():
         logger.info("demo: writing a tiny random LLaVA to %s", model_dir)
-        make_demo_model(model_dir, image_size=demo.image_size, seed=demo.seed)
+        make_demo_model(model_dir, image_size=demo.image_size, seed=demo.seed, anyres=demo.anyres)
     train_file = Path(recipe.data.train[0])
     if not train_file.is_file():
         logger.info("demo: writing %d + %d coloured-shape samples to %s", demo.train_samples, demo.eval_samples,
                     train_file.parent)
-        make_shapes_data(train_file.parent, demo.train_samples, demo.eval_samples, demo.image_size, demo.seed)
+        make_shapes_data(train_file.parent, demo.train_samples, demo.eval_samples, demo.image_size, demo.seed,
+                         anyres=demo.anyres)

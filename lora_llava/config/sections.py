@@ -91,6 +91,8 @@ class DemoSection:
     eval_samples: int = 120
     image_size: int = 48
     seed: int = 0
+    anyres: bool = False
+    """A tiny LLaVA-NeXT (grid of ``image_size`` tiles) and images of 1 to 2 tiles a side (``recipes/demo_hd.yaml``)."""
 
 
 @dataclasses.dataclass
