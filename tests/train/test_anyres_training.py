@@ -83,6 +83,14 @@ def test_max_tiles_caps_model_and_processor_and_the_counts(make_recipe, hd_data)
                     return_tensors="pt")
     assert int((out["input_ids"] == image_token_id(processor.tokenizer)).sum()) == grid.tokens(64, 64)
     assert out["pixel_values"].shape[1] == 1 + 2
+    # The model cuts by the same capped grid: a collated batch of a 2x2-sized image runs through it.
+    from lora_llava.data import LlavaCollator
+
+    batch = LlavaCollator(processor.image_processor, processor.tokenizer.pad_token_id, str(hd_data),
+                          grid=grid)([train_ds[k] for k in range(3)])
+    assert batch["pixel_values"].shape[1] == 3
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
 
     with pytest.raises(RecipeError, match="data.max_tiles: no grid resolution has at most 1 tiles"):
         apply_max_tiles(_recipe(make_recipe, hd_data, max_tiles=1), _tiny_next()[0].config)
