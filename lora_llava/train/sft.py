@@ -123,6 +123,13 @@ def build_datasets(recipe, processor, config, train_records: Iterable[dict] | No
     else:
         train_ds = LlavaDataset.from_files(d.train, **common)
     logger.info("train data: %s", train_ds.report.summary())
+    if common["grid"] is not None:
+        counts = sorted(sum(c) for c in train_ds.rows["image_tokens"] if c)
+        if counts:
+            g = common["grid"]
+            logger.info("AnyRes grid %s of %d px tiles (up to %d tiles): image tokens per sample min %d, median %d, "
+                        "max %d", [list(p) for p in g.pinpoints], g.tile, g.max_tiles, counts[0],
+                        counts[len(counts) // 2], counts[-1])
     eval_ds = None
     if eval_records is not None:
         eval_ds = LlavaDataset.from_records(eval_records, **common)
