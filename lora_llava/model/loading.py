@@ -61,7 +61,12 @@ def _weights_error(key: str, path: str, e: Exception) -> ModelError:
 
 def _classes(spec: ModelSpec):
     """(config class, model class) of the spec: LLaVA-NeXT's when it has grid resolutions."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+    )
 
     return (LlavaNextConfig, LlavaNextForConditionalGeneration) if spec.is_next else (
         LlavaConfig, LlavaForConditionalGeneration)
