@@ -45,8 +45,9 @@ def lora_config(recipe):
 def apply_stage(model, recipe):
     """Freeze / unfreeze per ``train.stage`` and attach LoRA in stage 2. Returns the model to train.
 
-    Stage 1: only the projector (with a NeXT model's ``image_newline``) trains. Stage 2: LoRA on the language model's q/k/v/o/gate/up/down, projector fully
-    trained, vision tower and everything else frozen. Trainable parameters are kept in ``train.trainable_dtype``
+    Stage 1: only the projector (with a NeXT model's ``image_newline``) trains. Stage 2: LoRA on the language
+    model's q/k/v/o/gate/up/down, projector (and ``image_newline``) fully trained, vision tower and everything else
+    frozen. Trainable parameters are kept in ``train.trainable_dtype``
     (fp32 by default: mixed precision's master weights); the frozen model is not upcast.
     """
     from peft import get_peft_model
