@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["LoadedModel", "load_for_inference"]
 
 DEFAULT_TEMPLATE = "vicuna_v1"
-_ASPECTS = ("pad", "resize")
+_ASPECTS = ("pad", "resize", "anyres")
 
 
 class LoadedModel(tuple):
@@ -201,8 +201,8 @@ def _export_info(root: Path) -> dict[str, Any]:
         except (ValueError, TypeError) as e:
             raise InferenceError(f"'{path}': template: {e}") from None
     if info.get("image_aspect_ratio", "pad") not in _ASPECTS:
-        raise InferenceError(f"'{path}': image_aspect_ratio: got {info['image_aspect_ratio']!r}; expected pad or "
-                             "resize")
+        raise InferenceError(f"'{path}': image_aspect_ratio: got {info['image_aspect_ratio']!r}; expected one of "
+                             f"{', '.join(_ASPECTS)}")
     return info
 
 
