@@ -15,7 +15,8 @@ files and formats are the real ones):
   ``model.vision_tower.vision_tower.*``, the Vicuna tokenizer files.
 - ``mm_projector``: the stage-1 release's ``mm_projector.bin`` (``model.mm_projector.{0,2}.{weight,bias}``, bfloat16).
 
-All five hold the same weights, so a model assembled from any of them is the same model.
+All five hold the same weights, so a model assembled from any of them is the same model. :func:`build_next` adds the
+LLaVA-NeXT (1.6) layouts of the same weights.
 """
 
 from __future__ import annotations

@@ -181,6 +181,8 @@ def _sources(run: _Run, base: str | None) -> tuple[list[tuple[Path, str]], dict[
     if spec.layout == "llava-hf":
         # The tower travels inside a llava-hf checkpoint; the original layout must name one instead.
         settings["tower"] = DEFAULT_VISION_TOWER if _is_clip_l_336(vision) else None
+        # The llava-hf LLaVA-NeXT releases are LLaVA-1.6, which trained its tower: the original layout carries it.
+        settings["tuned_tower"] = spec.is_next
         return [(folder, spec.layout)], spec.text, vision, settings
     kind = "llava-original" if spec.layout == "llava-original" else "llama"
     # A Hub id stays a Hub id; a local tower folder would tie the export to this machine: the export gets a copy.

@@ -349,3 +349,17 @@ def test_chat_generate_and_serve_on_a_next_run_and_its_export_agree(next_run, tm
         answers[name] = (got, sorted(e[1] for e in done))
     assert answers["run"] == answers["export"]
     assert sorted(answers["run"][0]) == answers["run"][1]
+
+
+def test_qlora_next_keeps_tower_projector_and_newline_unquantized(published):
+    import bitsandbytes as bnb
+
+    model, processor = build_model(_recipe(_parts(published, image_grid_pinpoints="default"), bits=4))
+    base = _base(model)
+    quantized = {n for n, m in base.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert quantized and all(n.startswith("model.language_model.layers.") for n in quantized)
+    assert base.model.image_newline.dtype == torch.float32 and base.model.image_newline.requires_grad
+    inputs = _prompt_inputs(base, processor, _image(30, 90))
+    loss = model(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    assert base.model.image_newline.grad is not None and base.model.image_newline.grad.abs().sum() > 0
