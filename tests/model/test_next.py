@@ -222,24 +222,45 @@ def test_image_newline_trains_with_the_projector_and_chains_into_stage_2(publish
     assert "model.image_newline" in trainable and any("lora_A" in n for n in trainable)
 
 
+BASES = {
+    "parts": lambda p: _parts(p, projector=str(p["next_projector"]), image_grid_pinpoints=NEXT_PINPOINTS),
+    "llava_next_hf": lambda p: {"llava": str(p["llava_next_hf"])},
+    "original_next": lambda p: {"llava": str(p["original_next"]), "vision_tower": str(p["clip_bin"])},
+}
+"""The three ways to a NeXT model that a run can start from: LLaVA-1.5 parts, a llava-hf 1.6, an original 1.6."""
+
+
 @pytest.fixture(scope="module")
-def next_run(published, tmp_path_factory):
-    """A stage-2 NeXT run (LoRA + projector + image_newline, 16-bit) trained by hand on non-square images, written
-    as training writes a run folder (recipe, processor, run info, projector, adapter)."""
+def next_runs(published, tmp_path_factory):
+    """``next_runs(base)``: a stage-2 NeXT run (LoRA + projector + image_newline, 16-bit) from one of :data:`BASES`,
+    trained by hand on non-square images and written as training writes a run folder (recipe, processor, run info,
+    projector, adapter); (folder, trained model, processor), made once per base."""
     from lora_llava.train.sft import start_run
 
-    p = published
-    out = tmp_path_factory.mktemp("next_run") / "run"
-    recipe = _recipe(_parts(p, projector=str(p["next_projector"]), image_grid_pinpoints=NEXT_PINPOINTS), out=out)
-    model, processor = build_model(recipe)
-    start_run(out, recipe, model, processor)
-    _train(model, processor)
-    run = RunFolder(out)
-    run.write_projector(projector_state(model))
-    run.write_folder(run.adapter_dir, lambda tmp: model.save_pretrained(str(tmp), save_embedding_layers=False))
-    start = read_projector(p["next_projector"])["image_newline"]
-    assert not torch.equal(projector_state(model)["image_newline"], start)  # stage 2 trains image_newline too
-    return out, model, processor
+    cache = {}
+
+    def get(base: str):
+        if base not in cache:
+            out = tmp_path_factory.mktemp(f"next_run_{base}") / "run"
+            recipe = _recipe(BASES[base](published), out=out)
+            model, processor = build_model(recipe)
+            start = projector_state(model)["image_newline"].clone()
+            start_run(out, recipe, model, processor)
+            _train(model, processor)
+            run = RunFolder(out)
+            run.write_projector(projector_state(model))
+            run.write_folder(run.adapter_dir,
+                             lambda tmp: model.save_pretrained(str(tmp), save_embedding_layers=False))
+            assert not torch.equal(projector_state(model)["image_newline"], start)  # stage 2 trains image_newline
+            cache[base] = out, model, processor
+        return cache[base]
+
+    return get
+
+
+@pytest.fixture(params=list(BASES))
+def next_run(request, next_runs):
+    return next_runs(request.param)
 
 
 def test_hf_export_of_a_next_run_loads_in_plain_transformers_and_equals_the_trained_model(next_run, tmp_path):
@@ -270,7 +291,7 @@ def test_hf_export_of_a_next_run_loads_in_plain_transformers_and_equals_the_trai
         torch.testing.assert_close(_logits(model, dict(theirs)), _logits(trained, ours), rtol=0, atol=1e-4)
 
 
-def test_original_16_layout_export_round_trips(next_run, tmp_path, published):
+def test_original_16_layout_export_round_trips(next_run, tmp_path):
     out, trained, processor = next_run
     export = tmp_path / "export"
     merge(out, export, format="llava", dtype="fp32", progress=False)
@@ -284,6 +305,10 @@ def test_original_16_layout_export_round_trips(next_run, tmp_path, published):
         with safe_open(str(f), "pt") as st:
             keys |= set(st.keys())
     assert "model.image_newline" in keys and "model.mm_projector.0.weight" in keys
+    # A 1.6 base trained its tower: the export carries it under the reference's names; LLaVA-1.5 parts name CLIP's.
+    tuned = RunFolder(out).read_recipe().model.llava is not None
+    assert config["unfreeze_mm_vision_tower"] is tuned
+    assert any(k.startswith("model.vision_tower.vision_tower.vision_model.") for k in keys) is tuned
     model, processor2 = build_model(_recipe({"llava": str(export)}))
     base = _base(model).eval()
     image = _image(70, 30, seed=3)
@@ -294,20 +319,20 @@ def test_original_16_layout_export_round_trips(next_run, tmp_path, published):
                                atol=1e-4)
 
 
-def test_gguf_of_a_next_run_is_refused(next_run, tmp_path):
+def test_gguf_of_a_next_run_is_refused(next_runs, tmp_path):
     with pytest.raises(MergeError, match="--format gguf: .* LLaVA-NeXT"):
-        merge(next_run[0], tmp_path / "gguf", format="gguf", progress=False)
+        merge(next_runs("parts")[0], tmp_path / "gguf", format="gguf", progress=False)
     assert not (tmp_path / "gguf").exists()
 
 
-def test_chat_generate_and_serve_on_a_next_run_and_its_export_agree(next_run, tmp_path):
+def test_chat_generate_and_serve_on_a_next_run_and_its_export_agree(next_runs, tmp_path):
     from lora_llava.infer.chat import chat
     from lora_llava.infer.generate import generate_answers
     from lora_llava.infer.load import load_for_inference
     from lora_llava.serve.engine import Engine
     from lora_llava.serve.protocol import ChatRequest
 
-    out, _, _ = next_run
+    out, _, _ = next_runs("parts")
     export = tmp_path / "export"
     merge(out, export, dtype="fp32", progress=False)
     folder = tmp_path / "images"
