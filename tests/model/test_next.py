@@ -139,6 +139,20 @@ def test_hd_from_a_llava15_stage1_projector_gets_a_fresh_deterministic_newline(p
                          "model.multi_modal_projector.linear_2.weight"]
 
 
+def test_recipe_pinpoints_narrow_a_next_checkpoints_grids(published):
+    model, processor = build_model(_recipe({"llava": str(published["llava_next_hf"]), "image_grid_pinpoints": [
+        [IMAGE, 2 * IMAGE], [2 * IMAGE, IMAGE]]}))
+    base = _base(model)
+    assert base.config.image_grid_pinpoints == processor.image_processor.image_grid_pinpoints == [
+        [IMAGE, 2 * IMAGE], [2 * IMAGE, IMAGE]]
+    image = _image(40, 40)  # square: only 1x2 / 2x1 grids are left to it
+    inputs = _prompt_inputs(base, processor, image)
+    assert inputs["pixel_values"].shape[1] == 3  # the base view + 2 tiles
+    expanded = processor(images=[image], text="<image>", return_tensors="pt")["input_ids"]
+    assert int((inputs["input_ids"] == 32000).sum()) == int((expanded == 32000).sum())
+    _logits(base.eval(), inputs)
+
+
 def test_clear_errors(published, tmp_path):
     p = published
     with pytest.raises(ModelError, match=r"model.image_grid_pinpoints: \[\[32, 48\]\] are not whole grids .* 32 px"):
@@ -349,6 +363,10 @@ def test_chat_generate_and_serve_on_a_next_run_and_its_export_agree(next_runs, t
         one = [chat(model, processor, [("human", "What colour is it?")], image=folder / f"{i}.png",
                     template=template, max_new_tokens=4) for i in range(len(SIZES))]
         assert got == one  # batched (mixed tile counts, left padding) equals one at a time
+        from lora_llava.infer.chat import ChatSession
+
+        session = ChatSession(model, processor, template, image=folder / "1.png", max_new_tokens=4)
+        assert session.ask("What colour is it?") == one[1]
         engine = Engine(model, processor, template, max_batch=4, batch_wait_s=0.5)
         try:
             done = []
