@@ -234,6 +234,19 @@ def test_image_newline_trains_with_the_projector_and_chains_into_stage_2(publish
         assert torch.equal(stage2[k], v), k
     trainable = _names(model2, lambda n, q: q.requires_grad)
     assert "model.image_newline" in trainable and any("lora_A" in n for n in trainable)
+    # A training checkpoint keeps image_newline with the projector, and resuming puts it back.
+    from lora_llava.train.checkpoints import load_trainable, save_trainable
+
+    checkpoint = tmp_path / "run2" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    _train(model2, processor, steps=1)
+    save_trainable(model2, checkpoint)
+    RunFolder.mark_complete(checkpoint, 2)  # as the trainer does once the whole checkpoint is written
+    trained = projector_state(model2)["image_newline"].clone()
+    assert not torch.equal(trained, stage1["image_newline"])
+    model3, _ = build_model(_recipe(_parts(p, image_grid_pinpoints=NEXT_PINPOINTS)))
+    load_trainable(model3, checkpoint)
+    assert torch.equal(projector_state(model3)["image_newline"], trained)
 
 
 BASES = {
