@@ -67,7 +67,8 @@ def load_for_inference(path: str | Path, device: str | torch.device | None = Non
       ``adapter/`` attached for a stage-2 run; the run's ``processor/`` and the recipe's template are used;
     * a training checkpoint of a run folder (``RUN/checkpoint-N``): the same, with the checkpoint's adapter and
       projector;
-    * a llava-hf checkpoint folder (``config.json`` with ``model_type: llava``), e.g. a ``lora-llava merge`` export;
+    * a llava-hf checkpoint folder (``config.json`` with ``model_type: llava`` or ``llava_next``), e.g. a
+      ``lora-llava merge`` export;
     * an original LLaVA checkpoint folder (``model_type: llava_llama``), converted on load.
 
     A checkpoint's template is ``vicuna_v1`` unless a ``lora_llava.json`` next to it names another.

@@ -9,6 +9,10 @@ In every case the language model's linear layers are quantized while loading (``
 projector and ``lm_head`` stay unquantized, the tokenizer gains ``<image>`` and ``<pad>`` the way the llava-hf
 checkpoints do (vocabulary padded to a multiple of 64), and a ``LlavaProcessor`` (CLIP image processor + tokenizer)
 comes back with the model.
+
+With grid resolutions (``model.image_grid_pinpoints``, a ``llava_next`` checkpoint, an original LLaVA-1.6) the model
+is a ``LlavaNextForConditionalGeneration`` with a ``LlavaNextProcessor`` instead (LLaVA-1.5-HD / NeXT AnyRes; see
+:mod:`lora_llava.model.next`).
 """
 
 from __future__ import annotations
