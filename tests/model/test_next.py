@@ -304,18 +304,30 @@ def test_hf_export_of_a_next_run_loads_in_plain_transformers_and_equals_the_trai
     assert type(plain).__name__ == "LlavaNextProcessor"
     base = _base(trained)
     assert torch.equal(model.model.image_newline, base.model.image_newline.float())
-    for i, (w, h) in enumerate(SIZES):
+    conversations = {
+        "one question": ([("human", "<image>\nWhat is it?")],
+                         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]),
+        "two rounds": ([("human", "<image>\nWhat is it?"), ("gpt", "A red circle."), ("human", "Where is it?")],
+                       [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]},
+                        {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]},
+                        {"role": "user", "content": [{"type": "text", "text": "Where is it?"}]}]),
+    }
+    # Wide, tall, square, a 1x3 shape, one smaller than a tile, one larger than every grid.
+    sizes = [*SIZES, (100, 30), (12, 20), (150, 120)]
+    for i, (w, h) in enumerate(sizes):
         image = _image(w, h, seed=10 + i)
-        ours = _prompt_inputs(base, processor, image)
-        text = plain.apply_chat_template([{"role": "user", "content": [
-            {"type": "image"}, {"type": "text", "text": "What is it?"}]}], add_generation_prompt=True)
-        theirs = plain(images=[image], text=text, return_tensors="pt")
-        # Plain transformers prepares exactly training's ids and pixels ...
-        assert theirs["input_ids"].tolist() == ours["input_ids"].tolist()
-        assert torch.equal(theirs["pixel_values"], ours["pixel_values"])
-        assert theirs["image_sizes"].tolist() == ours["image_sizes"].tolist() == [[h, w]]
-        # ... and the merged model answers as the trained one.
-        torch.testing.assert_close(_logits(model, dict(theirs)), _logits(trained, ours), rtol=0, atol=1e-4)
+        for name, (turns, messages) in conversations.items():
+            ids = encode_prompt(turns, processor.tokenizer, get_template("vicuna_v1"),
+                                config_image_token_id(base.config), image_tokens_of(base.config, [image]))
+            ours = {"input_ids": torch.tensor([ids]), **image_inputs(processor, [image], base)}
+            text = plain.apply_chat_template(messages, add_generation_prompt=True)
+            theirs = plain(images=[image], text=text, return_tensors="pt")
+            # Plain transformers prepares exactly training's ids and pixels ...
+            assert theirs["input_ids"].tolist() == ours["input_ids"].tolist(), (name, w, h)
+            assert torch.equal(theirs["pixel_values"], ours["pixel_values"])
+            assert theirs["image_sizes"].tolist() == ours["image_sizes"].tolist() == [[h, w]]
+            # ... and the merged model answers as the trained one.
+            torch.testing.assert_close(_logits(model, dict(theirs)), _logits(trained, ours), rtol=0, atol=1e-4)
 
 
 def test_original_16_layout_export_round_trips(next_run, tmp_path):
