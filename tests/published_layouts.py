@@ -15,7 +15,8 @@ files and formats are the real ones):
   ``model.vision_tower.vision_tower.*``, the Vicuna tokenizer files.
 - ``mm_projector``: the stage-1 release's ``mm_projector.bin`` (``model.mm_projector.{0,2}.{weight,bias}``, bfloat16).
 
-All five hold the same weights, so a model assembled from any of them is the same model.
+All five hold the same weights, so a model assembled from any of them is the same model. :func:`build_next` adds the
+LLaVA-NeXT (1.6) layouts of the same weights.
 """
 
 from __future__ import annotations
@@ -247,3 +248,79 @@ def build(root: Path) -> dict[str, Path]:
     paths["mm_projector"].parent.mkdir()
     torch.save({f"model.mm_projector.{k}": v.to(torch.bfloat16) for k, v in projector.items()}, paths["mm_projector"])
     return paths
+
+
+# LLaVA-NeXT (LLaVA-1.6): the resolutions the 1.6 releases list, scaled to the tiny tower's tile.
+NEXT_PINPOINTS = [[IMAGE, 2 * IMAGE], [2 * IMAGE, IMAGE], [2 * IMAGE, 2 * IMAGE], [3 * IMAGE, IMAGE],
+                  [IMAGE, 3 * IMAGE]]
+
+
+def build_next(root: Path, paths: dict[str, Path]) -> dict[str, Path]:
+    """LLaVA-NeXT checkpoints from the weights :func:`build` wrote (``paths``), plus one ``image_newline``:
+
+    - ``llava_next_hf``: llava-hf/llava-v1.6-vicuna-7b-hf — the llava-hf files with ``model_type: llava_next``,
+      ``image_grid_pinpoints``, ``use_image_newline_parameter``, a top-level ``image_newline`` tensor,
+      ``LlavaNextImageProcessor`` / ``LlavaNextProcessor`` configs.
+    - ``original_next``: liuhaotian/llava-v1.6-vicuna-7b — the original layout with ``image_aspect_ratio: anyres``,
+      ``mm_patch_merge_type: spatial_unpad``, ``image_grid_pinpoints``, ``unfreeze_mm_vision_tower: true`` (1.6 trained
+      its tower, so the shards carry it), ``model.image_newline``, safetensors shards.
+    - ``next_projector``: a lora-llava NeXT stage-1 ``projector.safetensors`` (projector + ``image_newline``).
+
+    All hold the weights of :func:`build`'s checkpoints, so every way of loading gives the same NeXT model.
+    """
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(1)
+    newline = (torch.randn(TEXT["hidden_size"]) * 0.5).half()
+    out = {name: root / name for name in ("llava_next_hf", "original_next")}
+
+    hf = out["llava_next_hf"]
+    shutil.copytree(paths["llava_hf"], hf)
+    index = json.loads((hf / "model.safetensors.index.json").read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+    shard = load_file(str(hf / first))
+    shard["image_newline"] = newline
+    save_file(shard, str(hf / first), metadata={"format": "pt"})
+    index["weight_map"]["image_newline"] = first
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = json.loads((hf / "config.json").read_text())
+    config.update(architectures=["LlavaNextForConditionalGeneration"], model_type="llava_next",
+                  image_grid_pinpoints=NEXT_PINPOINTS, use_image_newline_parameter=True)
+    _write(hf, "config.json", config)
+    _write(hf, "preprocessor_config.json", {
+        "aspect_ratio_setting": "anyres", "crop_size": {"height": IMAGE, "width": IMAGE}, "do_center_crop": True,
+        "do_convert_rgb": True, "do_normalize": True, "do_pad": True, "do_rescale": True, "do_resize": True,
+        "image_grid_pinpoints": NEXT_PINPOINTS, "image_mean": CLIP_MEAN, "image_processor_type":
+        "LlavaNextImageProcessor", "image_std": CLIP_STD, "processor_class": "LlavaNextProcessor", "resample": 3,
+        "rescale_factor": 0.00392156862745098, "size": {"shortest_edge": IMAGE}})
+    _write(hf, "processor_config.json", {"image_token": "<image>", "num_additional_image_tokens": 1,
+                                         "patch_size": PATCH, "processor_class": "LlavaNextProcessor",
+                                         "vision_feature_select_strategy": "default"})
+    tok_config = json.loads((hf / "tokenizer_config.json").read_text())
+    _write(hf, "tokenizer_config.json", {**tok_config, "processor_class": "LlavaNextProcessor"})
+
+    original = out["original_next"]
+    original.mkdir()
+    state = {}
+    for file in sorted(paths["original"].glob("pytorch_model-*.bin")):
+        state.update(torch.load(file, weights_only=True))
+    state["model.image_newline"] = newline
+    _save_shards(state, original, "safetensors", 2)
+    for name in ("generation_config.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(paths["original"] / name, original / name)
+    config = json.loads((paths["original"] / "config.json").read_text())
+    config.update(image_aspect_ratio="anyres", image_grid_pinpoints=NEXT_PINPOINTS, mm_patch_merge_type="spatial_unpad",
+                  unfreeze_mm_vision_tower=True, mm_vision_tower_lr=2e-06, image_crop_resolution=None,
+                  image_split_resolution=None, _name_or_path="./checkpoints/vicuna-7b-v1-5")
+    _write(original, "config.json", config)
+
+    projector = {k.replace("model.mm_projector.0.", "multi_modal_projector.linear_1.")
+                 .replace("model.mm_projector.2.", "multi_modal_projector.linear_2."): v.float()
+                 for k, v in state.items() if k.startswith("model.mm_projector.")}
+    projector["image_newline"] = newline.float()
+    out["next_projector"] = root / "next_stage1" / "projector.safetensors"
+    out["next_projector"].parent.mkdir()
+    save_file(projector, str(out["next_projector"]))
+    return out

@@ -215,6 +215,7 @@ def _cross_checks(r: Recipe, check_files: bool = True) -> list[str]:
         p.append("model: set model.llava (a LLaVA checkpoint) or model.llm (+ model.vision_tower) to assemble one")
     if m.llava is not None and m.llm is not None:
         p.append("model: set either model.llava or model.llm, not both")
+    p += _pinpoint_problems(m.image_grid_pinpoints)
     if r.data.max_length < 8:
         p.append(f"data.max_length: {r.data.max_length} is too small to hold a prompt and an answer")
     if r.data.max_tiles is not None and r.data.max_tiles < 1:
@@ -251,6 +252,20 @@ def _cross_checks(r: Recipe, check_files: bool = True) -> list[str]:
             why = "not downloaded yet (see data.train)" if published else "is not a folder"
             p.append(f"data.image_folder: '{r.data.image_folder}' {why}")
     return p
+
+
+def _pinpoint_problems(pins) -> list[str]:
+    """``model.image_grid_pinpoints``: ``default`` or ``[height, width]`` pairs of positive pixel counts (that they
+    are multiples of the tower's tile size is checked when the tower's config is read)."""
+    if pins is None or pins == "default":
+        return []
+    if not pins:
+        return ["model.image_grid_pinpoints: an empty list; give [height, width] pairs (e.g. [[336, 672], [672, 336], "
+                "[672, 672]]), 'default', or leave it unset for LLaVA-1.5"]
+    bad = [pair for pair in pins if len(pair) != 2 or min(pair) <= 0]
+    if bad:
+        return [f"model.image_grid_pinpoints: {bad} are not [height, width] pairs of positive pixel counts"]
+    return []
 
 
 def _eval_problems(r: Recipe, check_files: bool) -> list[str]:

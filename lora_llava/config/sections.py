@@ -41,7 +41,13 @@ class ModelSection:
     the checkpoint's ``mm_vision_tower`` for an original LLaVA checkpoint; a llava-hf checkpoint brings its own."""
     projector: str | None = None
     """Projector weights to start from (stage 2 after stage 1): a lora-llava run folder, its ``projector.safetensors``,
-    or the reference's ``mm_projector.bin``."""
+    or the reference's ``mm_projector.bin``. A LLaVA-NeXT run's projector carries its ``image_newline`` too."""
+    image_grid_pinpoints: list[list[int]] | Literal["default"] | None = None
+    """High resolution (LLaVA-1.5-HD / LLaVA-NeXT "AnyRes"): the grid resolutions an image is cut into, as
+    ``[height, width]`` pairs in pixels, each a multiple of the vision tower's tile size (336 for CLIP-336);
+    ``default`` = grids of 1x2, 2x1 and 2x2 tiles (``[[336, 672], [672, 336], [672, 672]]`` at 336 px). The model is
+    then transformers' ``LlavaNextForConditionalGeneration``. Unset: LLaVA-1.5 (one tile per image), or the
+    resolutions a LLaVA-NeXT checkpoint (``model.llava``) names."""
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Dtype of unquantized weights and compute; ``auto`` = bf16 on a GPU that has it, fp16 on one that does not,

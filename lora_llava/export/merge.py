@@ -175,15 +175,20 @@ def _sources(run: _Run, base: str | None) -> tuple[list[tuple[Path, str]], dict[
     """[(folder, kind)] to stream, the text config, the vision config, and LLaVA settings (layer, strategy, tower)."""
     spec = ModelSpec.from_recipe(run.recipe, base=base)
     folder = _local(spec.path, spec.key)
-    settings: dict[str, Any] = {"layer": spec.feature_layer, "strategy": spec.strategy, "tower": spec.vision_path}
+    settings: dict[str, Any] = {"layer": spec.feature_layer, "strategy": spec.strategy, "tower": spec.vision_path,
+                                "pinpoints": spec.pinpoints, "tuned_tower": spec.tower_in_checkpoint}
     vision = spec.vision_config.to_dict()
     if spec.layout == "llava-hf":
         # The tower travels inside a llava-hf checkpoint; the original layout must name one instead.
         settings["tower"] = DEFAULT_VISION_TOWER if _is_clip_l_336(vision) else None
+        # The llava-hf LLaVA-NeXT releases are LLaVA-1.6, which trained its tower: the original layout carries it.
+        settings["tuned_tower"] = spec.is_next
         return [(folder, spec.layout)], spec.text, vision, settings
     kind = "llava-original" if spec.layout == "llava-original" else "llama"
     # A Hub id stays a Hub id; a local tower folder would tie the export to this machine: the export gets a copy.
     settings["tower"] = None if looks_local(spec.vision_path) else spec.vision_path
+    if spec.tower_in_checkpoint:  # LLaVA-1.6 trained its tower: its weights are the checkpoint's, not CLIP's
+        return [(folder, kind)], spec.text, vision, settings
     return [(folder, kind), (_local(spec.vision_path, spec.vision_key), "clip")], spec.text, vision, settings
 
 
@@ -254,6 +259,8 @@ def merge(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: str =
     vocab = padded_vocab(len(tokenizer))
     sources, text_cfg, vision_cfg, settings = _sources(run, base)
     rename = to_hf if format == "hf" else to_original
+    if format == "llava" and settings["tuned_tower"]:
+        rename = _to_original_with_tower
     merged: set[str] = set()
     written: set[str] = set()
     # The original layout names its vision tower; a llava-hf base of another shape gets its own tower folder.
@@ -267,8 +274,10 @@ def merge(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: str =
         for folder, kind in sources:
             for key, tensor in iter_tensors(folder):
                 name = to_internal(key, kind)
+                # The run's projector.safetensors holds the trained projector (and a NeXT model's image_newline).
                 skip = name is None or name in written or name.startswith("model.multi_modal_projector.") or (
-                    kind == "llava-original" and name.startswith("model.vision_tower."))
+                    name in run.projector) or (kind == "llava-original" and name.startswith("model.vision_tower.")
+                                               and not settings["tuned_tower"])
                 if skip:
                     continue
                 module = name.removesuffix(".weight")
@@ -320,6 +329,10 @@ def _merge_gguf(run_dir, out: Path, base, from_dequantized: bool, overwrite: boo
     for a while."""
     import shutil
 
+    if ModelSpec.from_recipe(_Run(Path(run_dir)).recipe, base=base).is_next:
+        raise MergeError("--format gguf: this run is a LLaVA-NeXT / 1.5-HD model (model.image_grid_pinpoints or a "
+                         "LLaVA-NeXT checkpoint); lora-llava writes GGUF for LLaVA-1.5 only. Use --format hf (or "
+                         "llava) and convert that with llama.cpp's own tools")
     check_gguf_tools(quant)
     with staging(out, overwrite) as tmp:
         hf = merge(run_dir, tmp / "hf-fp32", format="hf", dtype="fp32", base=base, from_dequantized=from_dequantized,
@@ -332,6 +345,21 @@ def _merge_gguf(run_dir, out: Path, base, from_dequantized: bool, overwrite: boo
             dict(info, format="gguf", dtype=quant, model=lm, mmproj=mmproj), indent=2))
     logger.info("wrote %s (gguf, %s, %.2f GB)", out, quant, total / 1e9)
     return MergeResult(out, "gguf", hf.merged_modules, hf.tensors, total)
+
+
+def _to_original_with_tower(name: str) -> str | None:
+    """:func:`to_original`, keeping the vision tower under the reference's names (a LLaVA-1.6 that trained it)."""
+    if name.startswith("model.vision_tower."):
+        return "model.vision_tower.vision_tower.vision_model." + name.removeprefix("model.vision_tower.")
+    return to_original(name)
+
+
+def _check_next_processor(processor, pinpoints) -> None:
+    """The run's processor must be the NeXT one the model needs (grid resolutions equal to the config's)."""
+    pins = getattr(processor.image_processor, "image_grid_pinpoints", None)
+    if pins is None or [list(p) for p in pins] != [list(p) for p in pinpoints]:
+        raise MergeError(f"the run's processor/ ({type(processor.image_processor).__name__}, grids {pins}) does not "
+                         f"cut images into the model's grids {[list(p) for p in pinpoints]}; was processor/ replaced?")
 
 
 def _write_slow_tokenizer(folder: Path, tok) -> None:
@@ -369,13 +397,17 @@ def _write_configs(folder: Path, format: str, run: _Run, processor, text_cfg: di
     if format == "hf":
         vision = {k: v for k, v in vision_cfg.items() if k not in drop}
         config = llava_config(LlamaConfig(**text), vision, image_token_id(tok), settings["layer"],
-                              settings["strategy"], pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
-        config.architectures = ["LlavaForConditionalGeneration"]
+                              settings["strategy"], settings["pinpoints"], pad_token_id=tok.pad_token_id,
+                              tie_word_embeddings=False)
+        config.architectures = [type(config).__name__.replace("Config", "ForConditionalGeneration")]
         config.dtype = torch_dtype
         config.save_pretrained(str(folder))
         if run.recipe.template == "vicuna_v1":
             processor.chat_template = VICUNA_CHAT_TEMPLATE
-        if run.recipe.data.image_aspect_ratio == "pad":
+        if settings["pinpoints"]:
+            # Training's NeXT processor itself: AnyRes never pads to a square, and it counts tokens per image size.
+            _check_next_processor(processor, settings["pinpoints"])
+        elif run.recipe.data.image_aspect_ratio == "pad":
             processor.image_processor = padding_image_processor(processor.image_processor)
         processor.save_pretrained(str(folder))
     else:
@@ -386,6 +418,12 @@ def _write_configs(folder: Path, format: str, run: _Run, processor, text_cfg: di
                       mm_use_im_start_end=False, mm_use_im_patch_token=False, mm_patch_merge_type="flat",
                       image_aspect_ratio=run.recipe.data.image_aspect_ratio, tune_mm_mlp_adapter=False,
                       freeze_mm_mlp_adapter=False, use_mm_proj=True)
+        if settings["pinpoints"]:
+            # LLaVA-1.6's keys: AnyRes with un-padding and the newline embedding (model.image_newline). The pinpoints
+            # are written as transformers' conversion of the 1.6 releases reads them.
+            config.update(image_aspect_ratio="anyres", mm_patch_merge_type="spatial_unpad",
+                          image_grid_pinpoints=[list(p) for p in settings["pinpoints"]],
+                          unfreeze_mm_vision_tower=bool(settings["tuned_tower"]))
         for k in ("transformers_version", "dtype"):
             config.pop(k, None)
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))

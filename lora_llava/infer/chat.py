@@ -11,8 +11,17 @@ from ..data import encode_prompt, get_template, load_image
 from ..data.templates import IMAGE_TAG
 from ..errors import ImageError, InferenceError
 from ..llava.constants import CLIP_MEAN
-from ..llava.spec import config_image_token_id, config_image_tokens
-from .generate import AnswerStreamer, image_mean, placement, prepare_pixels, stopping_criteria, text_stop
+from ..llava.spec import config_image_token_id
+from .generate import (
+    AnswerStreamer,
+    image_aspect,
+    image_inputs,
+    image_mean,
+    image_tokens_of,
+    placement,
+    stopping_criteria,
+    text_stop,
+)
 
 __all__ = ["ChatSession", "chat", "open_image", "with_image_tag"]
 
@@ -51,14 +60,14 @@ def _context_limit(model) -> int | None:
 
 
 @torch.no_grad()
-def _answer(model, processor, ids: list[int], pixel_values, stop: str | None, max_new_tokens: int,
+def _answer(model, processor, ids: list[int], images: dict | None, stop: str | None, max_new_tokens: int,
             temperature: float, stream: Callable[[str], None] | None) -> str:
     tok = processor.tokenizer
     device, _ = placement(model)
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
     streamer = AnswerStreamer(tok, stop, stream or (lambda _text: None))
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    kwargs = {"pixel_values": pixel_values} if pixel_values is not None else {}
+    kwargs = images or {}
     was_training = model.training
     model.eval()
     try:
@@ -83,14 +92,15 @@ def chat(model, processor, turns: Sequence[tuple[str, str]], image=None, templat
     """
     tmpl = get_template(template)
     tok = processor.tokenizer
-    pixel_values = None
+    inputs, images = None, []
     if image is not None:
         if isinstance(image, (str, Path)):
-            image = open_image(image, image_aspect_ratio, image_mean(processor))
-        pixel_values = prepare_pixels(processor, [image], model)
+            image = open_image(image, image_aspect(model.config, image_aspect_ratio), image_mean(processor))
+        images = [image]
+        inputs = image_inputs(processor, images, model)
     ids = encode_prompt(with_image_tag(turns, image is not None), tok, tmpl, config_image_token_id(model.config),
-                        config_image_tokens(model.config))
-    return _answer(model, processor, ids, pixel_values, text_stop(tmpl, tok), max_new_tokens, temperature, stream)
+                        image_tokens_of(model.config, images))
+    return _answer(model, processor, ids, inputs, text_stop(tmpl, tok), max_new_tokens, temperature, stream)
 
 
 class ChatSession:
@@ -110,13 +120,17 @@ class ChatSession:
         self.temperature = temperature
         self.history: list[tuple[str, str]] = []
         self.pixel_values = None
+        self.image_inputs: dict | None = None
+        self.images: list = []
         if self.template.name == "plain" and image is None:
             raise InferenceError("the plain template (a stage-1 run) only captions an image; give an image to chat "
                                  "about")
         if image is not None:
             if isinstance(image, (str, Path)):
-                image = open_image(image, image_aspect_ratio, image_mean(processor))
-            self.pixel_values = prepare_pixels(processor, [image], model)
+                image = open_image(image, image_aspect(model.config, image_aspect_ratio), image_mean(processor))
+            self.images = [image]
+            self.image_inputs = image_inputs(processor, self.images, model)
+            self.pixel_values = self.image_inputs["pixel_values"]
 
     def reset(self) -> None:
         """Forget the conversation (the image stays)."""
@@ -129,7 +143,8 @@ class ChatSession:
         limit = _context_limit(self.model)
         while True:
             turns = with_image_tag([*history, ("human", question)], self.pixel_values is not None)
-            ids = encode_prompt(turns, tok, self.template, config_image_token_id(config), config_image_tokens(config))
+            ids = encode_prompt(turns, tok, self.template, config_image_token_id(config),
+                                image_tokens_of(config, self.images))
             if limit is None or len(ids) + self.max_new_tokens <= limit or not history:
                 break
             history = history[2:]
@@ -140,7 +155,7 @@ class ChatSession:
     def ask(self, question: str, stream: Callable[[str], None] | None = None) -> str:
         """Answer ``question`` (streamed to ``stream`` when given) and add the round to the history."""
         ids = self.prompt_ids(question)
-        answer = _answer(self.model, self.processor, ids, self.pixel_values,
+        answer = _answer(self.model, self.processor, ids, self.image_inputs,
                          text_stop(self.template, self.processor.tokenizer), self.max_new_tokens, self.temperature,
                          stream)
         self.history += [("human", question), ("gpt", answer)]

@@ -14,12 +14,12 @@ import torch
 
 from ..data import encode_prompt, get_template, load_image
 from ..llava.constants import CLIP_MEAN
-from ..llava.spec import config_image_token_id, config_image_tokens
+from ..llava.spec import config_image_token_id, image_token_counts, is_next_config
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AnswerStreamer", "cut_answer", "generate_answers", "image_mean", "left_pad", "placement", "prepare_pixels",
-           "stopping_criteria", "text_stop"]
+__all__ = ["AnswerStreamer", "cut_answer", "generate_answers", "image_aspect", "image_inputs", "image_mean",
+           "image_tokens_of", "left_pad", "placement", "prepare_pixels", "stopping_criteria", "text_stop"]
 
 
 def image_mean(processor) -> tuple[float, ...]:
@@ -34,9 +34,30 @@ def placement(model) -> tuple[torch.device, torch.dtype]:
 
 
 def prepare_pixels(processor, images: list, model) -> torch.Tensor:
+    return image_inputs(processor, images, model)["pixel_values"]
+
+
+def image_inputs(processor, images: list, model) -> dict[str, torch.Tensor]:
+    """What ``generate`` takes for ``images``: ``pixel_values``, and for a LLaVA-NeXT model ``image_sizes`` (the model
+    un-pads each image's grid features by its size)."""
     device, dtype = placement(model)
-    pixel_values = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
-    return pixel_values.to(device, dtype)
+    out = processor.image_processor(images=images, return_tensors="pt")
+    kwargs = {"pixel_values": out["pixel_values"].to(device, dtype)}
+    if "image_sizes" in out:
+        kwargs["image_sizes"] = torch.as_tensor(out["image_sizes"]).to(device)
+    return kwargs
+
+
+def image_aspect(config, aspect: str) -> str:
+    """How images are opened for a model: a LLaVA-NeXT model (AnyRes) takes the image as it is (``anyres``: never
+    padded to a square; its processor fits it into a grid), a LLaVA-1.5 one as training's ``image_aspect_ratio``."""
+    return "anyres" if is_next_config(config) else aspect
+
+
+def image_tokens_of(config, images: list) -> int | list[int]:
+    """Image tokens of each (PIL) image for the model ``config``, as :func:`~lora_llava.data.encode_prompt` takes
+    them: one count (LLaVA-1.5) or one per image from its size (LLaVA-NeXT)."""
+    return image_token_counts(config, [(im.height, im.width) for im in images])
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +156,8 @@ def generate_answers(model, processor, prompts: list[list[tuple[str, str]]], ima
     tmpl = get_template(template)
     tok = processor.tokenizer
     config = model.config
-    img_id, n_img = config_image_token_id(config), config_image_tokens(config)
+    img_id = config_image_token_id(config)
+    aspect = image_aspect(config, image_aspect_ratio)
     pad_id = tok.pad_token_id
     mean = image_mean(processor)
     device, _ = placement(model)
@@ -146,13 +168,13 @@ def generate_answers(model, processor, prompts: list[list[tuple[str, str]]], ima
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = range(start, min(start + batch_size, len(prompts)))
-            ids = [encode_prompt(prompts[i], tok, tmpl, img_id, n_img) for i in chunk]
+            pics = {i: [load_image(image_folder, f, aspect, mean) for f in images[i]] for i in chunk}
+            ids = [encode_prompt(prompts[i], tok, tmpl, img_id, image_tokens_of(config, pics[i])) for i in chunk]
             input_ids, mask = left_pad(ids, pad_id)
             kwargs = {}
-            files = [f for i in chunk for f in images[i]]
-            if files:
-                pics = [load_image(image_folder, f, image_aspect_ratio, mean) for f in files]
-                kwargs["pixel_values"] = prepare_pixels(processor, pics, model)
+            flat = [p for i in chunk for p in pics[i]]
+            if flat:
+                kwargs = image_inputs(processor, flat, model)
             out = model.generate(
                 input_ids=input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
                 do_sample=False, use_cache=True, pad_token_id=pad_id, eos_token_id=tok.eos_token_id,

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["LoadedModel", "load_for_inference"]
 
 DEFAULT_TEMPLATE = "vicuna_v1"
-_ASPECTS = ("pad", "resize")
+_ASPECTS = ("pad", "resize", "anyres")
 
 
 class LoadedModel(tuple):
@@ -67,7 +67,8 @@ def load_for_inference(path: str | Path, device: str | torch.device | None = Non
       ``adapter/`` attached for a stage-2 run; the run's ``processor/`` and the recipe's template are used;
     * a training checkpoint of a run folder (``RUN/checkpoint-N``): the same, with the checkpoint's adapter and
       projector;
-    * a llava-hf checkpoint folder (``config.json`` with ``model_type: llava``), e.g. a ``lora-llava merge`` export;
+    * a llava-hf checkpoint folder (``config.json`` with ``model_type: llava`` or ``llava_next``), e.g. a
+      ``lora-llava merge`` export;
     * an original LLaVA checkpoint folder (``model_type: llava_llama``), converted on load.
 
     A checkpoint's template is ``vicuna_v1`` unless a ``lora_llava.json`` next to it names another.
@@ -201,8 +202,8 @@ def _export_info(root: Path) -> dict[str, Any]:
         except (ValueError, TypeError) as e:
             raise InferenceError(f"'{path}': template: {e}") from None
     if info.get("image_aspect_ratio", "pad") not in _ASPECTS:
-        raise InferenceError(f"'{path}': image_aspect_ratio: got {info['image_aspect_ratio']!r}; expected pad or "
-                             "resize")
+        raise InferenceError(f"'{path}': image_aspect_ratio: got {info['image_aspect_ratio']!r}; expected one of "
+                             f"{', '.join(_ASPECTS)}")
     return info
 
 

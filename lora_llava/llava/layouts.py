@@ -18,12 +18,15 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["EXPORT_INFO_FILE", "FROM_PRETRAINED_KEY_MAPPING", "PROJECTOR_LAYERS", "checkpoint_layout",
+__all__ = ["EXPORT_INFO_FILE", "FROM_PRETRAINED_KEY_MAPPING", "IMAGE_NEWLINE", "PROJECTOR_LAYERS", "checkpoint_layout",
            "original_text_fields", "projector_key", "to_hf", "to_internal", "to_original"]
 
 EXPORT_INFO_FILE = "lora_llava.json"
 """Written by ``lora-llava merge`` next to an export: ``{"template", "format", "dtype", "run", "stage"}`` (a checkpoint
 may carry one by hand: ``{"template": ..., "image_aspect_ratio": ...}``)."""
+IMAGE_NEWLINE = "image_newline"
+"""LLaVA-NeXT's learned embedding after every row of an image's grid features: ``model.image_newline`` internally and
+in the original layout, ``image_newline`` in the llava-hf Hub layout."""
 PROJECTOR_LAYERS = {"0": "linear_1", "2": "linear_2"}
 """The reference's ``nn.Sequential`` index of each projector Linear (GELU sits at 1) -> transformers' name."""
 _PROJECTOR_INDEX = {v: k for k, v in PROJECTOR_LAYERS.items()}
@@ -36,7 +39,9 @@ FROM_PRETRAINED_KEY_MAPPING: dict[str, dict[str, str]] = {
     "llava-original": {
         **{rf"^model\.mm_projector\.{i}\.": f"model.multi_modal_projector.{name}."
            for i, name in PROJECTOR_LAYERS.items()},
-        r"^model\.(?!mm_projector\.|multi_modal_projector\.|vision_tower\.)": "model.language_model.",
+        # A checkpoint that carries its tower (LLaVA-1.6 trained it): the reference's CLIPVisionTower wrapper names.
+        r"^model\.vision_tower\.vision_tower\.vision_model\.": "model.vision_tower.",
+        r"^model\.(?!mm_projector\.|multi_modal_projector\.|vision_tower\.|image_newline$)": "model.language_model.",
     },
     "llama": {r"^model\.": "model.language_model."},
 }
@@ -49,7 +54,7 @@ def checkpoint_layout(config: dict[str, Any]) -> str:
     # Before model_type: the original releases (liuhaotian/llava-v1.5-7b) say "model_type": "llava" too.
     if "mm_vision_tower" in config or "mm_projector_type" in config or model_type in ("llava_llama", "llava_mistral"):
         return "llava-original"
-    if model_type == "llava":
+    if model_type in ("llava", "llava_next"):  # LLaVA-1.5 or LLaVA-NeXT (AnyRes): the same tensor names
         return "llava-hf"
     if model_type in ("clip", "clip_vision_model"):
         return "clip"
@@ -82,6 +87,8 @@ def to_internal(key: str, source: str) -> str | None:
         return f"model.vision_tower.{key}" if key.startswith(_CLIP_TOP) else None
     if source == "llama":
         return "lm_head.weight" if key == "lm_head.weight" else re.sub(r"^model\.", "model.language_model.", key)
+    if key in (IMAGE_NEWLINE, "model." + IMAGE_NEWLINE):  # LLaVA-NeXT's row separator, in every layout
+        return "model." + IMAGE_NEWLINE
     if source == "llava-original":
         if key.startswith("model.mm_projector."):
             return "model.multi_modal_projector." + projector_key(key) if projector_key(key) else None

@@ -9,17 +9,18 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import DataError, ModelError
 from ..files import read_json
+from .anyres import AnyresGrid, grid_pinpoints
 from .constants import DEFAULT_VISION_TOWER, image_tokens
 from .layouts import checkpoint_layout, original_text_fields
 
-__all__ = ["ModelSpec", "config_image_token_id", "config_image_tokens", "llava_config", "looks_local",
-           "read_config_dict"]
+__all__ = ["ModelSpec", "config_image_token_id", "config_image_tokens", "image_token_counts", "is_next_config",
+           "llava_config", "looks_local", "read_config_dict", "resolve_pinpoints"]
 
 
 def looks_local(path: str) -> bool:
@@ -85,14 +86,43 @@ def config_image_tokens(config) -> int:
     return image_tokens(vc.image_size, vc.patch_size, config.vision_feature_select_strategy)
 
 
+def is_next_config(config) -> bool:
+    """Is this model config (object or dict) a LLaVA-NeXT one (grid resolutions: AnyRes images)?"""
+    return AnyresGrid.from_config(config) is not None
+
+
+def image_token_counts(config, sizes: Sequence[tuple[int, int]]) -> int | list[int]:
+    """Image tokens of images of ``sizes`` (``(height, width)`` as the image processor gets them) for the model
+    ``config``: one count for all (LLaVA-1.5) or one per image (LLaVA-NeXT, where it depends on the size);
+    what :func:`~lora_llava.data.encode_prompt` takes."""
+    grid = AnyresGrid.from_config(config)
+    if grid is None:
+        return config_image_tokens(config)
+    return [grid.tokens(int(h), int(w)) for h, w in sizes]
+
+
+def resolve_pinpoints(value, tile: int, key: str = "model.image_grid_pinpoints") -> tuple[tuple[int, int], ...]:
+    """``model.image_grid_pinpoints`` for a tower of ``tile`` px: ``default`` = 1x2, 2x1 and 2x2 tiles; every
+    resolution must be a whole number of tiles (the image processor cuts the grid into tower-sized tiles)."""
+    pins = grid_pinpoints(tile) if value == "default" else [[int(h), int(w)] for h, w in value]
+    bad = [p for p in pins if p[0] % tile or p[1] % tile or min(p) <= 0]
+    if bad:
+        raise ModelError(f"{key}: {bad} are not whole grids of the vision tower's {tile} px tiles; give [height, "
+                         f"width] pairs that are multiples of {tile} (or 'default')")
+    return tuple((h, w) for h, w in pins)
+
+
 def llava_config(text_config, vision_config, image_token_id: int, feature_layer: int = -2, strategy: str = "default",
-                 **extra: Any):
+                 pinpoints: Sequence[Sequence[int]] | None = None, **extra: Any):
     """LLaVA-1.5's ``LlavaConfig``: GELU projector with biases, features of ``feature_layer``, image tokens from the
-    tower's patch grid (plus CLS with the ``full`` strategy)."""
-    from transformers import LlavaConfig
+    tower's patch grid (plus CLS with the ``full`` strategy). With grid ``pinpoints`` the same model as a
+    ``LlavaNextConfig`` (LLaVA-1.5-HD / NeXT AnyRes: images cut into those grids of tiles)."""
+    from transformers import LlavaConfig, LlavaNextConfig
 
     vc = vision_config if isinstance(vision_config, dict) else vision_config.to_dict()
-    return LlavaConfig(
+    if pinpoints:
+        extra["image_grid_pinpoints"] = [list(p) for p in pinpoints]
+    return (LlavaNextConfig if pinpoints else LlavaConfig)(
         vision_config=vision_config, text_config=text_config, image_token_id=image_token_id,
         projector_hidden_act="gelu", vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
         image_seq_length=image_tokens(vc["image_size"], vc["patch_size"], strategy), multimodal_projector_bias=True,
@@ -124,6 +154,8 @@ class ModelSpec:
     vision_key: str
     feature_layer: Any = -2
     strategy: str = "default"
+    pinpoints: tuple[tuple[int, int], ...] | None = None
+    """Grid resolutions (``[height, width]``) of a LLaVA-NeXT / 1.5-HD model; None for LLaVA-1.5."""
 
     @classmethod
     def from_recipe(cls, recipe, base: str | None = None,
@@ -152,19 +184,33 @@ class ModelSpec:
             raise ModelError(f"{key}: '{path}' is a '{config.get('model_type', '?')}' checkpoint, not a Llama / "
                              f"Vicuna language model{hint}")
         tower = m.vision_tower or DEFAULT_VISION_TOWER
-        return cls("parts", key, path, config, dict(config), _vision(tower, "model.vision_tower", known), tower,
-                   "model.vision_tower")
+        vision = _vision(tower, "model.vision_tower", known)
+        pins = None if m.image_grid_pinpoints is None else resolve_pinpoints(m.image_grid_pinpoints,
+                                                                               vision.image_size)
+        return cls("parts", key, path, config, dict(config), vision, tower, "model.vision_tower", pinpoints=pins)
 
     @classmethod
     def _llava_hf(cls, m, key: str, path: str, config: dict[str, Any]) -> ModelSpec:
-        from transformers import LlavaConfig
+        from transformers import LlavaConfig, LlavaNextConfig
 
         if m.vision_tower is not None:
             raise ModelError(f"model.vision_tower: '{path}' is a llava-hf checkpoint that brings its own vision "
                              "tower; remove model.vision_tower")
-        c = LlavaConfig.from_dict(config)
+        if config.get("model_type") == "llava_next":
+            c = LlavaNextConfig.from_dict(config)
+            pins = resolve_pinpoints(m.image_grid_pinpoints or c.image_grid_pinpoints, c.vision_config.image_size,
+                                     "model.image_grid_pinpoints" if m.image_grid_pinpoints else
+                                     f"image_grid_pinpoints of '{path}'")
+            if pins != tuple(tuple(p) for p in c.image_grid_pinpoints):
+                config = {**config, "image_grid_pinpoints": [list(p) for p in pins]}
+        else:
+            if m.image_grid_pinpoints is not None:
+                raise ModelError(f"model.image_grid_pinpoints: '{path}' is a llava-hf LLaVA-1.5 checkpoint, loaded as "
+                                 "it is; for LLaVA-1.5-HD start from its parts (model.llm + model.vision_tower, "
+                                 "model.projector for a stage-1 projector) or from the original-layout checkpoint")
+            c, pins = LlavaConfig.from_dict(config), None
         return cls("llava-hf", key, path, config, c.text_config.to_dict(), c.vision_config, None, key,
-                   c.vision_feature_layer, c.vision_feature_select_strategy)
+                   c.vision_feature_layer, c.vision_feature_select_strategy, pins)
 
     @classmethod
     def _original(cls, m, key: str, path: str, config: dict[str, Any], known) -> ModelSpec:
@@ -186,13 +232,35 @@ class ModelSpec:
             # reference code opens it relative to the current directory instead.)
             tower = str(Path(path) / tower)
         vision_key = "model.vision_tower" if m.vision_tower else f"mm_vision_tower of '{path}'"
-        return cls("llava-original", key, path, config, original_text_fields(config),
-                   _vision(tower, vision_key, known), tower, vision_key,
-                   config.get("mm_vision_select_layer", -2), "default" if select == "patch" else "full")
+        vision = _vision(tower, vision_key, known)
+        return cls("llava-original", key, path, config, original_text_fields(config), vision, tower, vision_key,
+                   config.get("mm_vision_select_layer", -2), "default" if select == "patch" else "full",
+                   _original_pinpoints(m, key, path, config, vision.image_size))
+
+    @property
+    def is_next(self) -> bool:
+        """A LLaVA-NeXT (AnyRes) model: transformers' ``LlavaNextForConditionalGeneration``."""
+        return self.pinpoints is not None
+
+    @property
+    def tower_in_checkpoint(self) -> bool:
+        """Does the checkpoint bring its own (fine-tuned) vision tower weights? LLaVA-1.6 in the original layout
+        trained its tower (``unfreeze_mm_vision_tower``) and ships it; ``mm_vision_tower`` (or ``model.vision_tower``)
+        then only gives the tower's config. (A llava-hf checkpoint always brings its tower.)"""
+        return self.layout == "llava-original" and bool(self.config.get("unfreeze_mm_vision_tower"))
+
+    @property
+    def grid(self) -> AnyresGrid | None:
+        """How this model cuts images (None for LLaVA-1.5)."""
+        if self.pinpoints is None:
+            return None
+        vc = self.vision_config
+        return AnyresGrid(vc.image_size, vc.patch_size, self.pinpoints, self.strategy)
 
     @property
     def image_tokens(self) -> int:
-        """Image tokens per image (576 for CLIP ViT-L/14-336)."""
+        """Image tokens per image of LLaVA-1.5 (576 for CLIP ViT-L/14-336); a NeXT model's base view (its images
+        take more: see :attr:`grid`)."""
         vc = self.vision_config
         return image_tokens(vc.image_size, vc.patch_size, self.strategy)
 
@@ -214,8 +282,33 @@ class ModelSpec:
         vision = self.vision_config.hidden_size * len(_as_list(self.feature_layer))
         if self.layout == "llava-original":
             vision = self.config.get("mm_hidden_size") or vision
-        return {"linear_1.weight": (text, vision), "linear_1.bias": (text,),
-                "linear_2.weight": (text, text), "linear_2.bias": (text,)}
+        shapes = {"linear_1.weight": (text, vision), "linear_1.bias": (text,),
+                  "linear_2.weight": (text, text), "linear_2.bias": (text,)}
+        if self.is_next:
+            shapes["image_newline"] = (text,)
+        return shapes
+
+
+def _original_pinpoints(m, key: str, path: str, config: dict[str, Any], tile: int):
+    """Grid resolutions of an original-layout checkpoint: the recipe's (LLaVA-1.5-HD from a 1.5 checkpoint), or a
+    LLaVA-1.6 config's (``image_aspect_ratio: anyres``, ``mm_patch_merge_type: spatial_unpad``)."""
+    anyres = str(config.get("image_aspect_ratio", "pad")).startswith("anyres")
+    merge = config.get("mm_patch_merge_type", "flat")
+    if anyres and merge != "spatial_unpad":
+        raise ModelError(f"{key}: '{path}' has image_aspect_ratio '{config['image_aspect_ratio']}' with "
+                         f"mm_patch_merge_type '{merge}'; only LLaVA-1.6's spatial_unpad (what transformers' "
+                         "LlavaNext implements) is supported")
+    if anyres and config.get("image_aspect_ratio") != "anyres":
+        raise ModelError(f"{key}: '{path}' has image_aspect_ratio '{config['image_aspect_ratio']}'; of the AnyRes "
+                         "variants only LLaVA-1.6's plain 'anyres' is supported")
+    if m.image_grid_pinpoints is not None:
+        return resolve_pinpoints(m.image_grid_pinpoints, tile)
+    if anyres:
+        pins = config.get("image_grid_pinpoints")
+        if not pins:
+            raise ModelError(f"{key}: '{path}' has image_aspect_ratio anyres but no image_grid_pinpoints")
+        return resolve_pinpoints(pins, tile, f"image_grid_pinpoints of '{path}'")
+    return None
 
 
 def _vision(path: str, key: str, known) -> Any:

@@ -9,6 +9,10 @@ In every case the language model's linear layers are quantized while loading (``
 projector and ``lm_head`` stay unquantized, the tokenizer gains ``<image>`` and ``<pad>`` the way the llava-hf
 checkpoints do (vocabulary padded to a multiple of 64), and a ``LlavaProcessor`` (CLIP image processor + tokenizer)
 comes back with the model.
+
+With grid resolutions (``model.image_grid_pinpoints``, a ``llava_next`` checkpoint, an original LLaVA-1.6) the model
+is a ``LlavaNextForConditionalGeneration`` with a ``LlavaNextProcessor`` instead (LLaVA-1.5-HD / NeXT AnyRes; see
+:mod:`lora_llava.model.next`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from ..llava.constants import IMAGE_TOKEN, padded_vocab
 from ..llava.layouts import FROM_PRETRAINED_KEY_MAPPING
 from ..llava.spec import ModelSpec, llava_config
 from ..llava.tokenizer import add_llava_tokens, image_token_id, load_folder_tokenizer
+from .next import init_image_newline, next_image_processor, next_processor
 from .runtime import Runtime, quiet_transformers, runtime
 
 logger = logging.getLogger(__name__)
@@ -58,17 +63,37 @@ def _weights_error(key: str, path: str, e: Exception) -> ModelError:
     return ModelError(f"{key}: could not load the weights of '{path}' ({str(e).splitlines()[0][:300]})")
 
 
-def _load_llava_hf(spec: ModelSpec, rt: Runtime) -> tuple[Any, Any]:
-    from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration
+def _classes(spec: ModelSpec):
+    """(config class, model class) of the spec: LLaVA-NeXT's when it has grid resolutions."""
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+    )
 
+    return (LlavaNextConfig, LlavaNextForConditionalGeneration) if spec.is_next else (
+        LlavaConfig, LlavaForConditionalGeneration)
+
+
+def _load_llava_hf(spec: ModelSpec, rt: Runtime) -> tuple[Any, Any]:
+    from transformers import AutoProcessor
+
+    config_class, model_class = _classes(spec)
     try:
-        model = LlavaForConditionalGeneration.from_pretrained(
-            spec.path, config=LlavaConfig.from_dict(spec.config), dtype=rt.dtype, quantization_config=rt.bnb,
+        model = model_class.from_pretrained(
+            spec.path, config=config_class.from_dict(spec.config), dtype=rt.dtype, quantization_config=rt.bnb,
             attn_implementation=rt.attn, device_map=rt.device_map, trust_remote_code=rt.remote,
         )
     except _LOAD_ERRORS as e:
         raise _weights_error(spec.key, spec.path, e) from None
     processor = AutoProcessor.from_pretrained(spec.path, trust_remote_code=rt.remote)
+    if spec.is_next:
+        if not hasattr(processor.image_processor, "image_grid_pinpoints"):
+            raise ModelError(f"{spec.key}: '{spec.path}' is a LLaVA-NeXT checkpoint whose image processor "
+                             f"({type(processor.image_processor).__name__}) does not cut images into grids")
+        # model.image_grid_pinpoints may narrow the checkpoint's set: the processor must count as the model does.
+        processor.image_processor.image_grid_pinpoints = [list(p) for p in spec.pinpoints]
     if processor.tokenizer.pad_token_id is None:
         raise ModelError(f"{spec.key}: the tokenizer of '{spec.path}' has no pad token; llava-hf checkpoints add "
                          "<pad>")
@@ -113,7 +138,7 @@ def _image_processor(vision: str, vision_config):
 
 def _assemble(spec: ModelSpec, rt: Runtime) -> tuple[Any, Any]:
     """Load the LLM's weights (renamed on the fly) into a LLaVA model, then the CLIP tower, then grow the vocabulary."""
-    from transformers import CLIPVisionModel, LlavaForConditionalGeneration, LlavaProcessor
+    from transformers import LlavaProcessor
 
     weights, key, vision = spec.path, spec.key, spec.vision_path
     projector_in_checkpoint = spec.layout == "llava-original"
@@ -124,17 +149,18 @@ def _assemble(spec: ModelSpec, rt: Runtime) -> tuple[Any, Any]:
         raise ModelError(f"{key}: '{weights}' has no usable tokenizer ({e})") from None
     add_llava_tokens(tokenizer)
     config = llava_config(spec.text_config(), spec.vision_config, image_token_id(tokenizer), spec.feature_layer,
-                          spec.strategy)
+                          spec.strategy, spec.pinpoints)
     try:
         with quiet_transformers():
-            model, info = LlavaForConditionalGeneration.from_pretrained(
+            model, info = _classes(spec)[1].from_pretrained(
                 weights, config=config, key_mapping=key_mapping, dtype=rt.dtype, quantization_config=rt.bnb,
                 attn_implementation=rt.attn, device_map=rt.device_map, output_loading_info=True,
             )
     except _LOAD_ERRORS as e:
         raise _weights_error(key, weights, e) from None
     expected_missing = ("model.vision_tower.",) + (() if projector_in_checkpoint else ("model.multi_modal_projector.",))
-    missing = [k for k in info["missing_keys"] if not k.startswith(expected_missing)]
+    fresh_newline = spec.is_next and "model.image_newline" in info["missing_keys"]
+    missing = [k for k in info["missing_keys"] if not k.startswith(expected_missing) and k != "model.image_newline"]
     if missing:
         raise ModelError(f"{key}: '{weights}' lacks {len(missing)} weights the model needs, e.g. {missing[:3]}")
     if info.get("mismatched_keys"):
@@ -145,35 +171,54 @@ def _assemble(spec: ModelSpec, rt: Runtime) -> tuple[Any, Any]:
     model._weight_conversions = [c for c in getattr(model, "_weight_conversions", None) or []
                                  if not ours & set(_patterns(c))] or None  # drop only our renamings
 
-    with quiet_transformers():
-        try:
-            tower = CLIPVisionModel.from_pretrained(vision, config=spec.vision_config, dtype=rt.dtype,
-                                                    attn_implementation=rt.attn)
-        except _LOAD_ERRORS as e:
-            raise _weights_error(spec.vision_key, vision, e) from None
-    device = model.get_input_embeddings().weight.device
-    with torch.no_grad():
-        model.model.vision_tower.load_state_dict(tower.state_dict())
-    model.model.vision_tower.to(device)
-    del tower
+    tower_missing = [k for k in info["missing_keys"] if k.startswith("model.vision_tower.")]
+    if spec.tower_in_checkpoint and tower_missing:
+        raise ModelError(f"{key}: '{weights}' trained its vision tower (unfreeze_mm_vision_tower) but lacks its "
+                         f"weights, e.g. {tower_missing[:2]}")
+    if not spec.tower_in_checkpoint:
+        _load_tower(model, spec, rt)
     if not projector_in_checkpoint:
         # A fresh projector, initialised as the reference's nn.Linear layers are (PyTorch's default).
         for layer in (model.model.multi_modal_projector.linear_1, model.model.multi_modal_projector.linear_2):
             layer.reset_parameters()
+    if fresh_newline:  # a LLaVA-1.5 (parts or checkpoint) turned NeXT: no image_newline there yet
+        init_image_newline(model)
 
     old_vocab = model.get_input_embeddings().weight.shape[0]
     grow_vocabulary(model, len(tokenizer))
     model.config.pad_token_id = model.config.text_config.pad_token_id = tokenizer.pad_token_id
-    processor = LlavaProcessor(
-        image_processor=_image_processor(vision, spec.vision_config), tokenizer=tokenizer,
-        patch_size=spec.vision_config.patch_size, vision_feature_select_strategy=spec.strategy,
-        num_additional_image_tokens=1, image_token=IMAGE_TOKEN,
-    )
+    if spec.is_next:
+        processor = next_processor(next_image_processor(_image_processor(vision, spec.vision_config), spec.pinpoints),
+                                   tokenizer, spec.vision_config.patch_size, spec.strategy)
+    else:
+        processor = LlavaProcessor(
+            image_processor=_image_processor(vision, spec.vision_config), tokenizer=tokenizer,
+            patch_size=spec.vision_config.patch_size, vision_feature_select_strategy=spec.strategy,
+            num_additional_image_tokens=1, image_token=IMAGE_TOKEN,
+        )
     projector = "from the checkpoint" if projector_in_checkpoint else "freshly initialised"
+    if spec.is_next:
+        projector += (", a fresh image_newline" if fresh_newline else "") + f"; AnyRes grids {list(spec.pinpoints)}"
     logger.info("model: language model from %s, vision tower from %s, projector %s; vocabulary %d -> %d (<image> %d, "
                 "<pad> %d)", weights, vision, projector, old_vocab, model.get_input_embeddings().weight.shape[0],
                 config.image_token_id, tokenizer.pad_token_id)
     return model, processor
+
+
+def _load_tower(model, spec: ModelSpec, rt: Runtime) -> None:
+    """The frozen CLIP tower's weights into ``model``, from the tower's own checkpoint."""
+    from transformers import CLIPVisionModel
+
+    with quiet_transformers():
+        try:
+            tower = CLIPVisionModel.from_pretrained(spec.vision_path, config=spec.vision_config, dtype=rt.dtype,
+                                                    attn_implementation=rt.attn)
+        except _LOAD_ERRORS as e:
+            raise _weights_error(spec.vision_key, spec.vision_path, e) from None
+    device = model.get_input_embeddings().weight.device
+    with torch.no_grad():
+        model.model.vision_tower.load_state_dict(tower.state_dict())
+    model.model.vision_tower.to(device)
 
 
 def _patterns(conversion) -> list:

@@ -17,7 +17,7 @@ from ..llava.constants import LORA_TARGETS
 from ..llava.spec import ModelSpec
 from ..run.folder import projector_file
 from .loading import load_model
-from .projector import PROJECTOR_MODULE, check_projector_shapes, load_projector, projector_parameters, read_projector
+from .projector import check_projector_shapes, load_projector, projector_parameters, read_projector
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,9 @@ def lora_config(recipe):
 def apply_stage(model, recipe):
     """Freeze / unfreeze per ``train.stage`` and attach LoRA in stage 2. Returns the model to train.
 
-    Stage 1: only the projector trains. Stage 2: LoRA on the language model's q/k/v/o/gate/up/down, projector fully
-    trained, vision tower and everything else frozen. Trainable parameters are kept in ``train.trainable_dtype``
+    Stage 1: only the projector (with a NeXT model's ``image_newline``) trains. Stage 2: LoRA on the language
+    model's q/k/v/o/gate/up/down, projector (and ``image_newline``) fully trained, vision tower and everything else
+    frozen. Trainable parameters are kept in ``train.trainable_dtype``
     (fp32 by default: mixed precision's master weights); the frozen model is not upcast.
     """
     from peft import get_peft_model
@@ -108,6 +109,7 @@ def model_summary(model) -> dict[str, Any]:
     import bitsandbytes as bnb
 
     total = trainable = lora = projector = 0
+    projector_names = {n for n, _ in projector_parameters(model)}  # image_newline of a NeXT model included
     for name, p in model.named_parameters():
         n = p.numel() * (2 if p.dtype == torch.uint8 else 1)  # packed 4-bit: two weights per byte
         total += n
@@ -115,7 +117,7 @@ def model_summary(model) -> dict[str, Any]:
             trainable += n
             if "lora_" in name:
                 lora += n
-            elif PROJECTOR_MODULE in name:
+            elif name in projector_names:
                 projector += n
     quantized = sum(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in model.modules())
     dtype = next((p.dtype for n, p in model.named_parameters() if "vision_tower" in n), None)

@@ -5,7 +5,7 @@ merge, chat, generate and report read it.
 
     RUN/
       recipe.yaml               the resolved recipe (local paths made absolute), written when training starts
-      projector.safetensors     the trained projector (fp32, llava-hf names)
+      projector.safetensors     the trained projector (fp32, llava-hf names; a NeXT model's image_newline too)
       adapter/                  the LoRA adapter (stage 2; peft's adapter_config.json + adapter_model.safetensors)
       processor/                tokenizer + image processor (written when training starts)
       trainer_state.json        transformers' trainer state (loss history)

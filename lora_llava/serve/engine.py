@@ -21,8 +21,8 @@ import torch
 from ..data import encode_prompt, get_template
 from ..data.images import expand_to_square, mean_fill
 from ..infer.chat import with_image_tag
-from ..infer.generate import image_mean, left_pad, placement, prepare_pixels, text_stop
-from ..llava.spec import config_image_token_id, config_image_tokens
+from ..infer.generate import image_aspect, image_inputs, image_mean, image_tokens_of, left_pad, placement, text_stop
+from ..llava.spec import config_image_token_id
 from .protocol import ChatRequest, RequestError
 
 __all__ = ["Engine", "Job"]
@@ -45,6 +45,23 @@ class Job:
     tokens: list[int] = dataclasses.field(default_factory=list)
     shown: str = ""
     finish: str | None = None
+    image_sizes: torch.Tensor | None = None
+    """LLaVA-NeXT: the image's ``(height, width)``, which ``generate`` needs with its pixels."""
+
+
+def _batch_images(jobs: list[Job]) -> dict[str, torch.Tensor]:
+    """The pixels (and LLaVA-NeXT image sizes) of the jobs' images, one batch: a NeXT image's tiles are padded with
+    zero tiles to the most of the batch, which the model drops again (it counts each image's tiles from its size)."""
+    if not jobs:
+        return {}
+    pixels = [job.pixel_values for job in jobs]
+    if pixels[0].dim() == 5:
+        most = max(p.shape[1] for p in pixels)
+        pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, most - p.shape[1])) for p in pixels]
+    out = {"pixel_values": torch.cat(pixels)}
+    if jobs[0].image_sizes is not None:
+        out["image_sizes"] = torch.cat([job.image_sizes for job in jobs])
+    return out
 
 
 def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
@@ -80,15 +97,17 @@ class Engine:
         if self.template.name == "plain" and request.image is None:
             raise RequestError("this model (plain template: a stage-1 run) only captions an image; send one",
                                "messages")
-        pixel_values = None
+        pixel_values, image_sizes, images = None, None, []
         if request.image is not None:
             image = request.image
-            if self.image_aspect_ratio == "pad":
+            if image_aspect(self.model.config, self.image_aspect_ratio) == "pad":
                 image = expand_to_square(image, mean_fill(image_mean(self.processor)))
-            pixel_values = prepare_pixels(self.processor, [image], self.model)
+            images = [image]
+            inputs = image_inputs(self.processor, images, self.model)
+            pixel_values, image_sizes = inputs["pixel_values"], inputs.get("image_sizes")
         turns = with_image_tag(request.turns, request.image is not None)
         ids = encode_prompt(turns, self.tokenizer, self.template, config_image_token_id(self.model.config),
-                            config_image_tokens(self.model.config))
+                            image_tokens_of(self.model.config, images))
         max_tokens = request.max_tokens
         if self.context is not None and not request.max_tokens_given:
             max_tokens = min(max_tokens, self.context - len(ids))  # what the context leaves
@@ -97,7 +116,8 @@ class Engine:
                                f"context is {self.context} tokens", "max_tokens" if request.max_tokens_given and
                                len(ids) < self.context else "messages")
         stops = [s for s in [self.template_stop, *request.stop] if s]
-        return Job(ids, pixel_values, max_tokens, request.temperature, request.top_p, stops, emit)
+        return Job(ids, pixel_values, max_tokens, request.temperature, request.top_p, stops, emit,
+                   image_sizes=image_sizes)
 
     def submit(self, job: Job) -> None:
         with self._cv:
@@ -187,8 +207,7 @@ class Engine:
         tok = self.tokenizer
         device, _ = placement(self.model)
         input_ids, mask = left_pad([job.ids for job in batch], tok.pad_token_id)
-        pixels = [job.pixel_values for job in batch if job.pixel_values is not None]
-        kwargs: dict[str, Any] = {"pixel_values": torch.cat(pixels)} if pixels else {}
+        kwargs: dict[str, Any] = _batch_images([job for job in batch if job.pixel_values is not None])
         first = batch[0]
         if first.temperature > 0:
             kwargs.update(do_sample=True, temperature=first.temperature, top_p=first.top_p)
