@@ -18,7 +18,7 @@ import json
 from typing import Any
 
 from .errors import ModelError, PlanError
-from .llava.anyres import AnyresGrid, grid_pinpoints, limit_tiles
+from .llava.anyres import AnyresGrid, limit_tiles
 from .llava.constants import DEFAULT_VISION_TOWER, padded_vocab
 from .llava.spec import ModelSpec
 
@@ -121,19 +121,13 @@ def shapes_for(recipe) -> Shapes:
         raise PlanError(str(e)) from None
     t, v = spec.text, spec.vision_config
     vocab = t["vocab_size"]
-    pins = spec.config.get("image_grid_pinpoints") if spec.layout != "parts" else None
-    # A grid of the recipe's own (model.image_grid_pinpoints, on LLaVA-1.5 parts) wins over the checkpoint's.
-    pins = getattr(recipe.model, "image_grid_pinpoints", None) or pins
-    if isinstance(pins, str):  # a named grid: the default one (2x2 + 1x2 + 2x1) of the tower's size
-        pins = grid_pinpoints(v.image_size)
-    grid = AnyresGrid(v.image_size, v.patch_size, tuple((int(h), int(w)) for h, w in pins), spec.strategy) \
-        if pins else None
     return Shapes(hidden=t["hidden_size"], intermediate=t["intermediate_size"], layers=t["num_hidden_layers"],
                   heads=t["num_attention_heads"], kv_heads=t.get("num_key_value_heads") or t["num_attention_heads"],
                   # <image> and <pad> are added and the vocabulary padded to 64, as the llava-hf checkpoints do.
                   vocab=padded_vocab(vocab + 2) if vocab < 32064 else vocab,
                   vision_hidden=v.hidden_size, vision_intermediate=v.intermediate_size,
-                  vision_layers=v.num_hidden_layers, image_size=v.image_size, patch_size=v.patch_size, grid=grid)
+                  vision_layers=v.num_hidden_layers, image_size=v.image_size, patch_size=v.patch_size,
+                  grid=spec.grid)
 
 
 _OPTIMIZER_BYTES = {  # optimizer state per trainable parameter

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from ..data import LlavaDataset
-from ..errors import DataError, LaunchError, RecipeError, StorageError
+from ..errors import DataError, LaunchError, ModelError, RecipeError, StorageError
 from ..llava.anyres import AnyresGrid, limit_tiles
-from ..llava.spec import config_image_token_id, config_image_tokens
+from ..llava.spec import ModelSpec, config_image_token_id, config_image_tokens
 from ..model.projector import projector_state
 from ..model.runtime import resolve_dtype
 from ..model.stage import build_model, model_summary
@@ -29,7 +29,7 @@ from .launch import check_launch, detect_launch, device_map
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainResult", "apply_max_tiles", "build_datasets", "save_run", "sft_config", "train"]
+__all__ = ["TrainResult", "apply_max_tiles", "build_datasets", "resolve_max_tiles", "save_run", "sft_config", "train"]
 
 
 @dataclasses.dataclass
@@ -69,13 +69,40 @@ def sft_config(recipe, model_dtype: torch.dtype):
     return SFTConfig(**kwargs)
 
 
+def resolve_max_tiles(recipe) -> None:
+    """Write ``data.max_tiles`` into the recipe as the model's grid: ``model.image_grid_pinpoints`` becomes the grid
+    resolutions (of the recipe, or of the NeXT checkpoint) with at most that many tiles. The run folder keeps this
+    recipe, so everything that rebuilds the model from it (resume, merge, chat, generate, eval, serve) cuts images
+    as training did. Reads the model's config files only; a no-op without ``data.max_tiles``. Raises
+    :class:`RecipeError` when the model has no grid or the cap leaves no resolution."""
+    limit = recipe.data.max_tiles
+    if limit is None:
+        return
+    if recipe.demo is not None:
+        from ..demo import prepare_demo
+
+        prepare_demo(recipe)  # the demo's model is written on its first run; its grid is needed now
+    try:
+        grid = ModelSpec.from_recipe(recipe).grid
+    except ModelError as e:
+        raise RecipeError([str(e)], recipe.source) from None
+    if grid is None:
+        raise RecipeError([f"data.max_tiles: {limit}, but the model has no AnyRes grid (a LLaVA-1.5 model sees one "
+                           "view per image); remove it, or set model.image_grid_pinpoints"], recipe.source)
+    try:
+        recipe.model.image_grid_pinpoints = limit_tiles(grid.pinpoints, grid.tile, limit)
+    except ValueError as e:
+        raise RecipeError([f"data.max_tiles: {e}"], recipe.source) from None
+
+
 def apply_max_tiles(recipe, config, processor=None) -> AnyresGrid | None:
-    """Cap the tiles per image of an AnyRes model at ``data.max_tiles``: the grid resolutions with more tiles are
-    removed from the model ``config`` and from the ``processor``'s image processor alike (the model counts each
-    image's tiles from its config, the processor cuts them from its own list: they must agree, in training and in
-    every export of the run). Returns the grid in force (None for a LLaVA-1.5 model); a no-op without
-    ``data.max_tiles``. Raises :class:`RecipeError` when the cap leaves no resolution, or is set on a LLaVA-1.5
-    model."""
+    """Cap the tiles per image of a loaded AnyRes model at ``data.max_tiles``: the grid resolutions with more tiles
+    are removed from the model ``config`` and from the ``processor``'s image processor alike (the model counts each
+    image's tiles from its config, the processor cuts them from its own list: they must agree). For a model built by
+    hand (Python API); :func:`train` caps through the recipe instead (:func:`resolve_max_tiles`), so the model is
+    built capped and the run folder's recipe carries the cap to merge and inference. Returns the grid in force (None
+    for a LLaVA-1.5 model); a no-op without ``data.max_tiles``. Raises :class:`RecipeError` when the cap leaves no
+    resolution, or is set on a LLaVA-1.5 model."""
     limit = recipe.data.max_tiles
     grid = AnyresGrid.from_config(config)
     if limit is None:
@@ -255,6 +282,7 @@ def train(recipe, train_records: Iterable[dict] | None = None, eval_records: Ite
         raise RecipeError([f"train.eval_strategy: '{strategy}' needs evaluation data (data.eval, or eval_records "
                            "passed to train())"], recipe.source)
     _quiet_other_ranks(launch)
+    resolve_max_tiles(recipe)  # before the resume check: a run folder keeps the recipe with the cap resolved
     checkpoint = resolve_resume(recipe, resume)
     check_output_dir(recipe, resume, checkpoint, overwrite)
     check_resumed_recipe(recipe, checkpoint)
@@ -279,7 +307,7 @@ def train(recipe, train_records: Iterable[dict] | None = None, eval_records: Ite
         with args.main_process_first(desc="demo model and data"):
             prepare_demo(recipe)
     model, processor = build_model(recipe, device_map(launch))
-    apply_max_tiles(recipe, model.config, processor)  # before the data: its token counts follow the capped grid
+    apply_max_tiles(recipe, model.config, processor)  # built capped already (resolve_max_tiles); a no-op check
     with args.main_process_first(desc="tokenizing"):
         train_ds, eval_ds = build_datasets(recipe, processor, model.config, train_records, eval_records)
     trainer = build_trainer(recipe, model, processor, train_ds.to_hf(),

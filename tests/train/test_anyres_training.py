@@ -134,3 +134,35 @@ def test_trainer_steps_a_tiny_llava_next_with_lora(make_recipe, hd_data):
     changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
     assert any("multi_modal_projector" in n for n in changed) and any("lora_" in n for n in changed)
     assert not any("vision_tower" in n or ("lora_" not in n and "language_model" in n) for n in changed)
+
+
+def test_train_end_to_end_on_a_next_checkpoint_with_max_tiles(make_recipe, hd_data, tmp_path):
+    """`train()` on a tiny llava-next-hf checkpoint with data.max_tiles: 2: the cap is written into the run's recipe
+    as model.image_grid_pinpoints (what merge and inference rebuild from) and into its processor; the data's counts
+    and the model's grid follow it; the loss falls."""
+    from transformers import AutoProcessor
+
+    from lora_llava.config.recipe import load_recipe
+    from lora_llava.demo import make_demo_model
+    from lora_llava.llava.spec import ModelSpec
+    from lora_llava.run.folder import RunFolder
+    from lora_llava.train.sft import train
+
+    model_dir = make_demo_model(tmp_path / "next", image_size=TILE, hidden_size=64, anyres=True)
+    raw = make_recipe(model={"llava": str(model_dir), "attn_implementation": "sdpa"}, quant={"bits": 4},
+                      data={"train": str(hd_data / "train.json"), "image_folder": str(hd_data), "max_tiles": 2},
+                      train={"max_steps": 6, "per_device_train_batch_size": 4, "learning_rate": 2e-2})
+    raw["train"]["output_dir"] = str(tmp_path / "run")
+    result = train(recipe_from_dict(raw))
+    capped = [[TILE, 2 * TILE], [2 * TILE, TILE]]
+    assert result.model.config.image_grid_pinpoints == capped
+    assert result.losses[-1] < result.losses[0]
+    run = RunFolder(tmp_path / "run")
+    saved = load_recipe(run.path / "recipe.yaml", check_files=False)
+    assert saved.model.image_grid_pinpoints == capped and saved.data.max_tiles == 2
+    assert [list(p) for p in ModelSpec.from_recipe(saved).pinpoints] == capped
+    assert AutoProcessor.from_pretrained(str(run.processor_dir)).image_processor.image_grid_pinpoints == capped
+    with pytest.raises(RecipeError, match="data.max_tiles: 2, but the model has no AnyRes grid"):
+        from lora_llava.train.sft import resolve_max_tiles
+
+        resolve_max_tiles(recipe_from_dict(make_recipe(data={"max_tiles": 2})))
