@@ -71,9 +71,10 @@ class DataSection:
     """Longest sample in tokens, image tokens included (576 per image for LLaVA-1.5; an AnyRes model's depend on each
     image's size, up to 2,928 with the default grid: such samples are dropped as too long, never cut)."""
     max_tiles: int | None = None
-    """AnyRes models only: at most this many tiles per image (the base view not counted). The grid resolutions with
-    more tiles are removed from the model's and the processor's grid (and so from every export of the run); caps
-    image tokens, vision-tower work and memory. Unset = the model's grid as it is."""
+    """AnyRes models only: at most this many tiles per image (the base view not counted). Training writes the grid
+    resolutions with at most this many tiles into the run's recipe as ``model.image_grid_pinpoints``, so the model,
+    its processor and every merge or inference of the run use the capped grid; caps image tokens, vision-tower work
+    and memory. Unset = the model's grid as it is."""
     padding_free: bool = False
     """Flatten each batch into one row with restarting ``position_ids`` (flash-attn varlen); no padding at all."""
     on_bad_sample: Literal["error", "skip"] = "error"
