@@ -98,16 +98,19 @@ def cmd_data_check(args) -> int:
     Checked: the schema (conversations alternating human/gpt, non-empty string values), the images (under the
     image folder, present, decodable), '<image>' tags against images, and token lengths with the training
     tokenization (template, tokenizer, image tokens, max_length), so truncated and dropped counts are training's.
-    For an AnyRes model (LLaVA-NeXT / LLaVA-1.5-HD: --model or --grid-pinpoints) each image counts its own tokens,
-    and the report gives their distribution per sample and names the samples that no longer fit --max-length.
+    For an AnyRes model (LLaVA-NeXT / LLaVA-1.5-HD: --recipe, --model or --grid-pinpoints) each image counts its own
+    tokens, and the report gives their distribution per sample and names the samples that no longer fit --max-length.
+    --recipe takes the model's grid (capped by data.max_tiles), data.max_length and the template from a recipe.
     Exit code 0 when every record is usable, 1 when any is bad (all are listed), 2 on a bad command.
     """
     from ..data.check import check_data
 
-    report = check_data(args.data, args.image_folder, template=args.template, tokenizer=args.tokenizer,
-                        max_length=args.max_length, num_image_tokens=args.image_tokens, dump=args.dump,
-                        decode_images=not args.no_images_decode, workers=args.workers, progress=None,
-                        grid=_grid(args))
+    grid, template, max_length = _from_recipe(args) if args.recipe else (_grid(args), None, None)
+    report = check_data(args.data, args.image_folder, template=args.template or template or "vicuna_v1",
+                        tokenizer=args.tokenizer,
+                        max_length=args.max_length if args.max_length is not None else max_length or 2048,
+                        num_image_tokens=args.image_tokens, dump=args.dump,
+                        decode_images=not args.no_images_decode, workers=args.workers, progress=None, grid=grid)
     print(report.format())
     return 0 if report.ok else 1
 
@@ -129,6 +132,31 @@ def _pinpoints(text: str, tile: int) -> list[list[int]]:
                              "(e.g. 336x672,672x336,672x672), nor 'default' or 'llava16'")
         pins.append([int(h), int(w)])
     return pins
+
+
+def _from_recipe(args):
+    """(grid, template, max_length) of ``--recipe``: its model's AnyRes grid (None for LLaVA-1.5) with
+    ``data.max_tiles`` applied, its template, its ``data.max_length``. Reads config files only."""
+    from ..config.recipe import load_recipe
+    from ..errors import ModelError, RecipeError
+    from ..llava.anyres import AnyresGrid, limit_tiles
+    from ..llava.spec import ModelSpec
+
+    if args.model or args.grid_pinpoints or args.max_tiles is not None:
+        raise UsageError("--recipe gives the grid (and data.max_tiles): leave out --model, --grid-pinpoints and "
+                         "--max-tiles")
+    try:
+        recipe = load_recipe(args.recipe, check_files=False)
+        grid = ModelSpec.from_recipe(recipe).grid
+    except (RecipeError, ModelError) as e:
+        raise UsageError(f"--recipe {args.recipe}: {e}") from None
+    if grid is not None and recipe.data.max_tiles is not None:
+        try:
+            pins = limit_tiles(grid.pinpoints, grid.tile, recipe.data.max_tiles)
+        except ValueError as e:
+            raise UsageError(f"--recipe {args.recipe}: data.max_tiles: {e}") from None
+        grid = AnyresGrid(grid.tile, grid.patch, tuple(tuple(p) for p in pins), grid.strategy)
+    return grid, recipe.template, recipe.data.max_length
 
 
 def _grid(args):
@@ -172,15 +200,18 @@ def data_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("data", nargs="+", metavar="DATA", help="LLaVA JSON (a list) or JSONL files")
     c.add_argument("--image-folder", required=True, metavar="DIR", help="folder the records' image paths are under")
     # No choices=: listing the templates would import the data package (and torch) for every `lora-llava --help`.
-    c.add_argument("--template", default="vicuna_v1",
+    c.add_argument("--template",
                    help="conversation template: vicuna_v1 (default), plain (stage-1 caption data), llava_v0")
     c.add_argument("--tokenizer", metavar="PATH",
                    help="local tokenizer folder (default: the shipped Vicuna-v1.5 tokenizer); <image> and <pad> "
                         "are added as llava-hf has them")
-    c.add_argument("--max-length", type=int, default=2048, metavar="N",
-                   help="data.max_length of training (default 2048)")
+    c.add_argument("--max-length", type=int, metavar="N",
+                   help="data.max_length of training (default 2048, or the --recipe's)")
     c.add_argument("--image-tokens", type=int, default=LLAVA15_IMAGE_TOKENS, metavar="N",
                    help="tokens per image (default 576: CLIP ViT-L/14 at 336 px); AnyRes models count per image")
+    c.add_argument("--recipe", metavar="RECIPE.yaml",
+                   help="count as this recipe's model does (AnyRes grid, data.max_tiles) with its data.max_length and "
+                        "template; reads config files only")
     c.add_argument("--model", metavar="DIR",
                    help="an AnyRes (LLaVA-NeXT) checkpoint folder: its config's grid counts each image's tokens")
     c.add_argument("--grid-pinpoints", metavar="GRID",

@@ -242,3 +242,31 @@ def test_data_check_reports_the_image_token_distribution_and_flags_what_no_longe
     assert code == 0 and "0 dropped as too long" in out and "up to 2 tiles" in out
     assert main(["data", "check", str(data), "--image-folder", str(tmp_path), "--grid-pinpoints", "336x500"]) == 2
     assert "'336x500' is not HEIGHTxWIDTH in multiples of the 336 px tile" in capsys.readouterr().err
+
+
+def test_data_check_reads_the_grid_from_a_recipe(tmp_path, capsys):
+    """`data check --recipe`: the recipe's model grid (a llava-next-hf checkpoint folder), data.max_tiles and
+    data.max_length, as training would count."""
+    import json
+
+    import yaml
+
+    from lora_llava.cli.main import main
+    from lora_llava.demo import make_demo_model
+
+    model = make_demo_model(tmp_path / "model", image_size=TILE, hidden_size=32, anyres=True)
+    _write_images(tmp_path, SIZES)
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(_records(SIZES)))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"llava": str(model)}, "data": {"train": str(data),
+                                      "image_folder": str(tmp_path), "max_tiles": 2, "max_length": 100}}))
+    assert main(["data", "check", str(data), "--image-folder", str(tmp_path), "--recipe", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    capped = AnyresGrid(TILE, PATCH, ((TILE, 2 * TILE), (2 * TILE, TILE)))
+    counts = sorted(capped.tokens(h, w) for h, w in SIZES)
+    assert f"{TILE}x{2 * TILE}, {2 * TILE}x{TILE}; up to 2 tiles" in out and f"max {counts[-1]}" in out
+    assert "max_length 100:" in out
+    assert main(["data", "check", str(data), "--image-folder", str(tmp_path), "--recipe", str(recipe),
+                 "--grid-pinpoints", "default"]) == 2
+    assert "--recipe gives the grid" in capsys.readouterr().err
