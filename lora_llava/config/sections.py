@@ -42,6 +42,13 @@ class ModelSection:
     projector: str | None = None
     """Projector weights to start from (stage 2 after stage 1): a lora-llava run folder, its ``projector.safetensors``,
     or the reference's ``mm_projector.bin``."""
+    projector_type: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    """``mlp2x_gelu`` = LLaVA-1.5's Linear-GELU-Linear; ``linear`` = the original LLaVA's (v1) single linear layer,
+    held as ``linear_1`` with an identity activation and a frozen identity ``linear_2``, so exports stay a plain
+    transformers LLaVA. A LLaVA checkpoint's own projector must agree."""
+    image_tokens: Literal["plain", "start_end"] = "plain"
+    """``plain`` = each image is its image tokens (LLaVA-1.5); ``start_end`` = wrapped in ``<im_start>`` /
+    ``<im_end>``, added tokens whose input embedding rows train in both stages (the original LLaVA, v1)."""
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Dtype of unquantized weights and compute; ``auto`` = bf16 on a GPU that has it, fp16 on one that does not,

@@ -86,15 +86,17 @@ def config_image_tokens(config) -> int:
 
 
 def llava_config(text_config, vision_config, image_token_id: int, feature_layer: int = -2, strategy: str = "default",
-                 **extra: Any):
+                 projector_type: str = "mlp2x_gelu", **extra: Any):
     """LLaVA-1.5's ``LlavaConfig``: GELU projector with biases, features of ``feature_layer``, image tokens from the
-    tower's patch grid (plus CLS with the ``full`` strategy)."""
+    tower's patch grid (plus CLS with the ``full`` strategy). ``projector_type: linear`` (LLaVA v1): the activation
+    is the identity (transformers' ``"linear"``), so ``linear_2`` held at the identity makes the projector exactly
+    v1's single linear layer."""
     from transformers import LlavaConfig
 
     vc = vision_config if isinstance(vision_config, dict) else vision_config.to_dict()
     return LlavaConfig(
         vision_config=vision_config, text_config=text_config, image_token_id=image_token_id,
-        projector_hidden_act="gelu", vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
+        projector_hidden_act="linear" if projector_type == "linear" else "gelu", vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
         image_seq_length=image_tokens(vc["image_size"], vc["patch_size"], strategy), multimodal_projector_bias=True,
         **extra,
     )
@@ -124,6 +126,11 @@ class ModelSpec:
     vision_key: str
     feature_layer: Any = -2
     strategy: str = "default"
+    projector_type: str = "mlp2x_gelu"
+    """``mlp2x_gelu`` (LLaVA-1.5) or ``linear`` (LLaVA v1: ``linear_1``, identity activation, frozen identity
+    ``linear_2``)."""
+    start_end: bool = False
+    """LLaVA v1's ``<im_start>`` / ``<im_end>`` around each image's tokens."""
 
     @classmethod
     def from_recipe(cls, recipe, base: str | None = None,
@@ -153,7 +160,8 @@ class ModelSpec:
                              f"Vicuna language model{hint}")
         tower = m.vision_tower or DEFAULT_VISION_TOWER
         return cls("parts", key, path, config, dict(config), _vision(tower, "model.vision_tower", known), tower,
-                   "model.vision_tower")
+                   "model.vision_tower", projector_type=_recipe_value(m, "projector_type", "mlp2x_gelu"),
+                   start_end=_recipe_value(m, "image_tokens", "plain") == "start_end")
 
     @classmethod
     def _llava_hf(cls, m, key: str, path: str, config: dict[str, Any]) -> ModelSpec:
@@ -163,20 +171,27 @@ class ModelSpec:
             raise ModelError(f"model.vision_tower: '{path}' is a llava-hf checkpoint that brings its own vision "
                              "tower; remove model.vision_tower")
         c = LlavaConfig.from_dict(config)
+        kind = "linear" if c.projector_hidden_act == "linear" else "mlp2x_gelu"
+        _agree(m, "projector_type", kind, path, f"projector_hidden_act '{c.projector_hidden_act}'")
+        # Start/end tokens live in the tokenizer (the loader checks it against model.image_tokens).
         return cls("llava-hf", key, path, config, c.text_config.to_dict(), c.vision_config, None, key,
-                   c.vision_feature_layer, c.vision_feature_select_strategy)
+                   c.vision_feature_layer, c.vision_feature_select_strategy, projector_type=kind,
+                   start_end=_recipe_value(m, "image_tokens", "plain") == "start_end")
 
     @classmethod
     def _original(cls, m, key: str, path: str, config: dict[str, Any], known) -> ModelSpec:
         if config.get("model_type") not in ("llava_llama", "llava", None):
             raise ModelError(f"{key}: '{path}' is an original LLaVA checkpoint of type '{config['model_type']}'; "
                              "only the Llama/Vicuna based LLaVA-1.5 (llava_llama) is supported")
+        # The original v1 releases predate mm_projector_type: absent means v1's single linear layer.
         kind = config.get("mm_projector_type", "linear")
-        if kind != "mlp2x_gelu":
-            raise ModelError(f"{key}: '{path}' has mm_projector_type '{kind}'; LLaVA-1.5 uses mlp2x_gelu")
-        if config.get("mm_use_im_start_end"):
-            raise ModelError(f"{key}: '{path}' uses image start/end tokens (mm_use_im_start_end), which LLaVA-1.5 "
-                             "does not; this checkpoint is not supported")
+        if kind not in ("mlp2x_gelu", "linear"):
+            raise ModelError(f"{key}: '{path}' has mm_projector_type '{kind}'; lora-llava reads mlp2x_gelu "
+                             "(LLaVA-1.5) and linear (LLaVA v1)")
+        _agree(m, "projector_type", kind, path, f"mm_projector_type '{kind}'")
+        start_end = bool(config.get("mm_use_im_start_end"))
+        _agree(m, "image_tokens", "start_end" if start_end else "plain", path,
+               f"mm_use_im_start_end {str(start_end).lower()}")
         select = config.get("mm_vision_select_feature", "patch")
         if select not in ("patch", "cls_patch"):
             raise ModelError(f"{key}: '{path}' has mm_vision_select_feature '{select}' (expected patch)")
@@ -188,7 +203,8 @@ class ModelSpec:
         vision_key = "model.vision_tower" if m.vision_tower else f"mm_vision_tower of '{path}'"
         return cls("llava-original", key, path, config, original_text_fields(config),
                    _vision(tower, vision_key, known), tower, vision_key,
-                   config.get("mm_vision_select_layer", -2), "default" if select == "patch" else "full")
+                   config.get("mm_vision_select_layer", -2), "default" if select == "patch" else "full",
+                   projector_type=kind, start_end=start_end)
 
     @property
     def image_tokens(self) -> int:
@@ -216,6 +232,18 @@ class ModelSpec:
             vision = self.config.get("mm_hidden_size") or vision
         return {"linear_1.weight": (text, vision), "linear_1.bias": (text,),
                 "linear_2.weight": (text, text), "linear_2.bias": (text,)}
+
+
+def _recipe_value(m, name: str, default: str) -> str:
+    """``model.<name>`` of a recipe (the default for a model section from before the key existed)."""
+    return getattr(m, name, default) or default
+
+
+def _agree(m, name: str, found: str, path: str, what: str) -> None:
+    """A LLaVA checkpoint's projector / image tokens are what they are: the recipe must say the same."""
+    wanted = _recipe_value(m, name, found)
+    if wanted != found:
+        raise ModelError(f"model.{name}: '{wanted}', but '{path}' has {what}; set model.{name}: {found}")
 
 
 def _vision(path: str, key: str, known) -> Any:

@@ -23,12 +23,12 @@ from ..errors import ModelError
 from ..llava.constants import IMAGE_TOKEN, padded_vocab
 from ..llava.layouts import FROM_PRETRAINED_KEY_MAPPING
 from ..llava.spec import ModelSpec, llava_config
-from ..llava.tokenizer import add_llava_tokens, image_token_id, load_folder_tokenizer
+from ..llava.tokenizer import add_llava_tokens, image_token_id, image_wrap_ids, load_folder_tokenizer
 from .runtime import Runtime, quiet_transformers, runtime
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["added_rows", "grow_vocabulary", "load_model"]
+__all__ = ["added_rows", "grow_vocabulary", "load_model", "set_identity"]
 
 
 def load_model(recipe, spec: ModelSpec | None = None, device_map: dict[str, Any] | None = None) -> tuple[Any, Any]:
@@ -69,6 +69,12 @@ def _load_llava_hf(spec: ModelSpec, rt: Runtime) -> tuple[Any, Any]:
     except _LOAD_ERRORS as e:
         raise _weights_error(spec.key, spec.path, e) from None
     processor = AutoProcessor.from_pretrained(spec.path, trust_remote_code=rt.remote)
+    has_wrap = image_wrap_ids(processor.tokenizer) is not None
+    if has_wrap != spec.start_end:
+        found = "start_end" if has_wrap else "plain"
+        raise ModelError(f"model.image_tokens: '{'start_end' if spec.start_end else 'plain'}', but the tokenizer of "
+                         f"'{spec.path}' {'has' if has_wrap else 'lacks'} <im_start>/<im_end>; set model.image_tokens: "
+                         f"{found}")
     if processor.tokenizer.pad_token_id is None:
         raise ModelError(f"{spec.key}: the tokenizer of '{spec.path}' has no pad token; llava-hf checkpoints add "
                          "<pad>")
@@ -99,6 +105,15 @@ def grow_vocabulary(model, tokens: int) -> None:
         model.get_output_embeddings().weight[old:] = added_rows(head_old, new - old)
 
 
+def set_identity(linear) -> None:
+    """Make a square ``nn.Linear`` the identity (weight I, bias 0): the ``linear_2`` of a linear (LLaVA v1)
+    projector, which then passes ``linear_1``'s output through unchanged, in any dtype."""
+    with torch.no_grad():
+        linear.weight.copy_(torch.eye(linear.weight.shape[0], dtype=linear.weight.dtype))
+        if linear.bias is not None:
+            linear.bias.zero_()
+
+
 def _image_processor(vision: str, vision_config):
     from transformers import CLIPImageProcessor
 
@@ -122,9 +137,10 @@ def _assemble(spec: ModelSpec, rt: Runtime) -> tuple[Any, Any]:
         tokenizer = load_folder_tokenizer(weights, trust_remote_code=rt.remote)
     except (OSError, ValueError) as e:
         raise ModelError(f"{key}: '{weights}' has no usable tokenizer ({e})") from None
-    add_llava_tokens(tokenizer)
+    add_llava_tokens(tokenizer, start_end=spec.start_end)
+    linear = spec.projector_type == "linear"
     config = llava_config(spec.text_config(), spec.vision_config, image_token_id(tokenizer), spec.feature_layer,
-                          spec.strategy)
+                          spec.strategy, projector_type=spec.projector_type)
     try:
         with quiet_transformers():
             model, info = LlavaForConditionalGeneration.from_pretrained(
@@ -133,7 +149,9 @@ def _assemble(spec: ModelSpec, rt: Runtime) -> tuple[Any, Any]:
             )
     except _LOAD_ERRORS as e:
         raise _weights_error(key, weights, e) from None
-    expected_missing = ("model.vision_tower.",) + (() if projector_in_checkpoint else ("model.multi_modal_projector.",))
+    expected_missing = ("model.vision_tower.",) + (
+        ("model.multi_modal_projector.linear_2.",) if linear else ()) + (
+        () if projector_in_checkpoint else ("model.multi_modal_projector.",))
     missing = [k for k in info["missing_keys"] if not k.startswith(expected_missing)]
     if missing:
         raise ModelError(f"{key}: '{weights}' lacks {len(missing)} weights the model needs, e.g. {missing[:3]}")
@@ -160,6 +178,8 @@ def _assemble(spec: ModelSpec, rt: Runtime) -> tuple[Any, Any]:
         # A fresh projector, initialised as the reference's nn.Linear layers are (PyTorch's default).
         for layer in (model.model.multi_modal_projector.linear_1, model.model.multi_modal_projector.linear_2):
             layer.reset_parameters()
+    if linear:
+        set_identity(model.model.multi_modal_projector.linear_2)
 
     old_vocab = model.get_input_embeddings().weight.shape[0]
     grow_vocabulary(model, len(tokenizer))
