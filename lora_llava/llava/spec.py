@@ -201,7 +201,12 @@ class ModelSpec:
             # reference code opens it relative to the current directory instead.)
             tower = str(Path(path) / tower)
         vision_key = "model.vision_tower" if m.vision_tower else f"mm_vision_tower of '{path}'"
-        return cls("llava-original", key, path, config, original_text_fields(config),
+        text = original_text_fields(config)
+        if isinstance(text.get("pad_token_id"), int) and text["pad_token_id"] < 0:
+            # The v1 releases say pad_token_id -1, which nn.Embedding reads as its last row (<im_end> there): a
+            # padding_idx that would zero that row's gradient. The loader sets <pad>'s id instead.
+            text["pad_token_id"] = None
+        return cls("llava-original", key, path, config, text,
                    _vision(tower, vision_key, known), tower, vision_key,
                    config.get("mm_vision_select_layer", -2), "default" if select == "patch" else "full",
                    projector_type=kind, start_end=start_end)
