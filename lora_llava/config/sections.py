@@ -119,7 +119,8 @@ class EvalSection:
 
 _TRAIN_OURS: list[tuple[str, Any, Any, str]] = [
     ("stage", Literal[1, 2], 2, "1 = align the projector (projector only); 2 = LoRA + projector"),
-    ("projector_lr", float | None, 2e-5, "learning rate of the projector in stage 2 (LLaVA-1.5: 2e-5)"),
+    ("projector_lr", float | None, 2e-5, "learning rate of the projector (and of LLaVA v1's <im_start>/<im_end> "
+     "rows) in stage 2 (LLaVA-1.5: 2e-5)"),
     ("group_by_modality_length", bool, False,
      "batches of one modality (image or text-only) and of similar length, as LLaVA-1.5's fine-tuning does: less "
      "padding, and text-only batches skip the vision tower"),
