@@ -31,8 +31,12 @@ QUESTIONS = (
 )
 
 
-def make_demo_model(out_dir: str | Path, image_size: int = 48, seed: int = 0, hidden_size: int = 128) -> Path:
-    """Write a tiny random LLaVA-1.5-shaped model + processor in the llava-hf layout to ``out_dir``."""
+def make_demo_model(out_dir: str | Path, image_size: int = 48, seed: int = 0, hidden_size: int = 128,
+                    projector_type: str = "mlp2x_gelu", start_end: bool = False) -> Path:
+    """Write a tiny random LLaVA-1.5-shaped model + processor in the llava-hf layout to ``out_dir``.
+
+    ``projector_type: linear`` and ``start_end`` give the original LLaVA's (v1) shape: one linear projector (identity
+    activation, ``linear_2`` the identity) and ``<im_start>`` / ``<im_end>`` in the tokenizer."""
     import torch
     from transformers import (
         CLIPImageProcessor,
@@ -45,7 +49,8 @@ def make_demo_model(out_dir: str | Path, image_size: int = 48, seed: int = 0, hi
 
     out_dir = Path(out_dir)
     tok = vicuna_tokenizer()
-    add_llava_tokens(tok)  # <image> = 32000, <pad> = 32001, as the llava-hf checkpoints have them
+    add_llava_tokens(tok, start_end=start_end)  # <image> 32000, <pad> 32001 (v1: <im_start> 32001, <im_end> 32002,
+    # <pad> 32003), as the llava-hf checkpoints and the original v1 have them
     patch = 8
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                               image_size=image_size, patch_size=patch, projection_dim=64)
@@ -56,11 +61,17 @@ def make_demo_model(out_dir: str | Path, image_size: int = 48, seed: int = 0, hi
                        # (its largest logit margin stays near 1 with a frozen head), so the loss would barely move.
                        initializer_range=0.1)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_token_id(tok),
-                         projector_hidden_act="gelu", vision_feature_layer=-2,
+                         projector_hidden_act="linear" if projector_type == "linear" else "gelu",
+                         vision_feature_layer=-2,
                          vision_feature_select_strategy="default", image_seq_length=(image_size // patch) ** 2,
                          pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)
+    if projector_type == "linear":
+        with torch.no_grad():
+            linear_2 = model.model.multi_modal_projector.linear_2
+            linear_2.weight.copy_(torch.eye(linear_2.weight.shape[0]))
+            linear_2.bias.zero_()
     image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
                                          crop_size={"height": image_size, "width": image_size})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=patch,
@@ -124,7 +135,9 @@ def prepare_demo(recipe) -> None:
     model_dir = Path(recipe.model.llava)
     if not (model_dir / "config.json").is_file():
         logger.info("demo: writing a tiny random LLaVA to %s", model_dir)
-        make_demo_model(model_dir, image_size=demo.image_size, seed=demo.seed)
+        make_demo_model(model_dir, image_size=demo.image_size, seed=demo.seed,
+                        projector_type=recipe.model.projector_type,
+                        start_end=recipe.model.image_tokens == "start_end")
     train_file = Path(recipe.data.train[0])
     if not train_file.is_file():
         logger.info("demo: writing %d + %d coloured-shape samples to %s", demo.train_samples, demo.eval_samples,

@@ -27,8 +27,8 @@ from ..llava.layouts import EXPORT_INFO_FILE, to_hf, to_internal, to_original
 from ..llava.spec import ModelSpec, llava_config, looks_local
 from ..llava.tokenizer import image_token_id, is_llama2_sentencepiece_vocab, sentencepiece_model_bytes
 from ..model.loading import added_rows
-from ..run.folder import RunFolder
 from ..model.projector import ROW_IDS, ROWS
+from ..run.folder import RunFolder
 from .chat_template import VICUNA_CHAT_TEMPLATE, padding_image_processor, v0_chat_template
 from .gguf import check_gguf_tools, gguf_file_names, write_gguf
 from .safetensors_io import ShardWriter, iter_tensors, largest_shard, low_memory_allocator, staging
@@ -197,7 +197,8 @@ def _sources(run: _Run, base: str | None) -> tuple[list[tuple[Path, str]], dict[
 def _check_identity(projector: dict[str, torch.Tensor]) -> None:
     """A linear (LLaVA v1) projector's ``linear_2`` must still be the identity (it never trains): the original layout
     has no place for it, and an hf export is exact only with it."""
-    w, b = projector["model.multi_modal_projector.linear_2.weight"], projector["model.multi_modal_projector.linear_2.bias"]
+    w = projector["model.multi_modal_projector.linear_2.weight"]
+    b = projector["model.multi_modal_projector.linear_2.bias"]
     if not (torch.equal(w, torch.eye(w.shape[0], dtype=w.dtype)) and not b.any()):
         raise MergeError("the run's projector is linear (model.projector_type: linear) but its linear_2 is not the "
                          "identity; was it trained by another version of lora-llava?")
@@ -345,6 +346,14 @@ def _merge_gguf(run_dir, out: Path, base, from_dequantized: bool, overwrite: boo
     for a while."""
     import shutil
 
+    try:
+        m = _Run(Path(run_dir)).recipe.model
+    except MergeError:
+        m = None  # the hf merge below names what is wrong with the run folder
+    if m is not None and (m.projector_type != "mlp2x_gelu" or m.image_tokens != "plain"):
+        raise MergeError("--format gguf: this run is a LLaVA v1 model (model.projector_type: linear / "
+                         "model.image_tokens: start_end), which the GGUF writer does not describe; use --format hf "
+                         "or --format llava")
     check_gguf_tools(quant)
     with staging(out, overwrite) as tmp:
         hf = merge(run_dir, tmp / "hf-fp32", format="hf", dtype="fp32", base=base, from_dequantized=from_dequantized,
@@ -412,7 +421,8 @@ def _write_configs(folder: Path, format: str, run: _Run, processor, text_cfg: di
                       mm_hidden_size=vision_cfg["hidden_size"], mm_projector_type=settings["projector"],
                       mm_vision_select_layer=settings["layer"], mm_vision_select_feature="patch",
                       # <im_patch> stays off: row 32000 is our <image>, and the reference never feeds patch tokens.
-                      mm_use_im_start_end=settings["start_end"], mm_use_im_patch_token=False, mm_patch_merge_type="flat",
+                      mm_use_im_start_end=settings["start_end"], mm_use_im_patch_token=False,
+                      mm_patch_merge_type="flat",
                       image_aspect_ratio=run.recipe.data.image_aspect_ratio, tune_mm_mlp_adapter=False,
                       freeze_mm_mlp_adapter=False, use_mm_proj=True)
         for k in ("transformers_version", "dtype"):

@@ -96,7 +96,8 @@ def llava_config(text_config, vision_config, image_token_id: int, feature_layer:
     vc = vision_config if isinstance(vision_config, dict) else vision_config.to_dict()
     return LlavaConfig(
         vision_config=vision_config, text_config=text_config, image_token_id=image_token_id,
-        projector_hidden_act="linear" if projector_type == "linear" else "gelu", vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
+        projector_hidden_act="linear" if projector_type == "linear" else "gelu", vision_feature_layer=feature_layer,
+        vision_feature_select_strategy=strategy,
         image_seq_length=image_tokens(vc["image_size"], vc["patch_size"], strategy), multimodal_projector_bias=True,
         **extra,
     )

@@ -142,8 +142,8 @@ def _load_rows(model, ids: torch.Tensor, rows: torch.Tensor, path) -> None:
     with torch.no_grad():
         if layer is not None:
             if layer.token_indices["default"] != ids.tolist():
-                raise ModelError(f"model.projector: '{path}' holds rows of tokens {ids.tolist()}, but this model trains "
-                                 f"the rows of {layer.token_indices['default']}")
+                raise ModelError(f"model.projector: '{path}' holds rows of tokens {ids.tolist()}, but this model "
+                                 f"trains the rows of {layer.token_indices['default']}")
             delta = layer.trainable_tokens_delta["default"]
             delta.copy_(rows.to(delta.dtype))
             return

@@ -171,3 +171,58 @@ def test_v0_generation_stops_at_the_separator(v1):
     for t in tok(" A red circle.\n### Human:", add_special_tokens=False).input_ids:
         streamer.put(torch.tensor([t]))
     assert streamer.answer == "A red circle." and "".join(shown) == "A red circle."
+
+
+def test_llava_export_runs_in_the_reference(v1, tmp_path):
+    """The v1 export in the original layout, loaded by the LLaVA reference code (llava-torch 1.2.2.post1): a
+    ``nn.Linear`` projector, <im_start>/<im_end> at training's ids, and the same logits as the hf export on
+    training's ids (the image spliced in by the reference itself)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+    from reference_env import reference_python
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    python = reference_python()
+    s2 = v1["s2"]
+    llava = merge(s2.output_dir, tmp_path / "llava-v1-tiny", format="llava", dtype="fp32", progress=False).out
+    hf = merge(s2.output_dir, tmp_path / "hf", dtype="fp32", progress=False).out
+    image = tmp_path / "red.png"
+    Image.new("RGB", (IMAGE, IMAGE), (220, 40, 40)).save(image)
+    tok = s2.processor.tokenizer
+    prompts = [[("human", "<image>\nWhat shape is it?")], [("human", "Name a colour.")]]
+    ours = [_conversation_ids(tok, turns) for turns in prompts]
+    # The reference's image index -200 in place of the N image tokens (it keeps <im_start>/<im_end> as text tokens).
+    cases = []
+    for ids, turns in zip(ours, prompts):
+        ref_ids = [t for i, t in enumerate(ids) if t != 32000 or (i > 0 and ids[i - 1] == 32001)]
+        ref_ids = [-200 if t == 32000 else t for t in ref_ids]
+        cases.append({"input_ids": ref_ids, "image": str(image) if "<image>" in turns[0][1] else None})
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    out = tmp_path / "out"
+    out.mkdir()
+    script = Path(__file__).with_name("reference_llava_ids.py")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONPATH="")
+    done = subprocess.run([str(python), str(script), str(llava), str(tmp_path / "cases.json"), str(out)], cwd=llava,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads((out / "info.json").read_text())
+    assert (info["im_start"], info["im_end"], info["projector"], info["mm_use_im_start_end"]) == (
+        32001, 32002, "Linear", True)
+    model = LlavaForConditionalGeneration.from_pretrained(str(hf), dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(str(hf))
+    for k, (ids, case) in enumerate(zip(ours, cases)):
+        ref = np.load(out / f"logits{k}.npy")
+        kwargs = {}
+        if case["image"]:
+            kwargs["pixel_values"] = processor.image_processor(Image.open(image).convert("RGB"),
+                                                               return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids]), **kwargs).logits[0, :, : ref.shape[1]].numpy()
+        assert logits.shape == ref.shape
+        print(f"max |hf export - reference| logit, v1 ({'image' if case['image'] else 'text'}): "
+              f"{np.abs(logits - ref).max():.2e}")
+        assert np.abs(logits - ref).max() < 1e-4, case
