@@ -18,7 +18,7 @@ from ..files import read_json
 from .constants import DEFAULT_VISION_TOWER, image_tokens
 from .layouts import checkpoint_layout, original_text_fields
 
-__all__ = ["ModelSpec", "config_image_token_id", "config_image_tokens", "llava_config", "looks_local",
+__all__ = ["ModelSpec", "checkpoint_model_keys", "config_image_token_id", "config_image_tokens", "llava_config", "looks_local",
            "read_config_dict"]
 
 
@@ -238,6 +238,26 @@ class ModelSpec:
             vision = self.config.get("mm_hidden_size") or vision
         return {"linear_1.weight": (text, vision), "linear_1.bias": (text,),
                 "linear_2.weight": (text, text), "linear_2.bias": (text,)}
+
+
+def checkpoint_model_keys(path: str, config: dict[str, Any]) -> dict[str, str]:
+    """``model.projector_type`` / ``model.image_tokens`` as a local LLaVA checkpoint has them (for loading one to
+    answer with, where there is no recipe to say): LLaVA v1's linear projector and start/end tokens, or LLaVA-1.5's."""
+    layout = checkpoint_layout(config)
+    if layout == "llava-original":
+        kind = config.get("mm_projector_type", "linear")
+        start_end = bool(config.get("mm_use_im_start_end"))
+    elif layout == "llava-hf":
+        kind = "linear" if config.get("projector_hidden_act") == "linear" else "mlp2x_gelu"
+        folder = Path(path)
+        start_end = any(f.is_file() and '"<im_start>"' in f.read_text(encoding="utf-8", errors="replace")
+                        for f in (folder / "added_tokens.json", folder / "tokenizer_config.json"))
+    else:
+        return {}
+    keys = {"image_tokens": "start_end" if start_end else "plain"}
+    if kind in ("linear", "mlp2x_gelu"):
+        keys["projector_type"] = kind
+    return keys
 
 
 def _recipe_value(m, name: str, default: str) -> str:

@@ -226,3 +226,26 @@ def test_llava_export_runs_in_the_reference(v1, tmp_path):
         print(f"max |hf export - reference| logit, v1 ({'image' if case['image'] else 'text'}): "
               f"{np.abs(logits - ref).max():.2e}")
         assert np.abs(logits - ref).max() < 1e-4, case
+
+
+def test_run_and_both_exports_answer_alike(v1, shapes_data):
+    """lora-llava's own loading of the run folder, the hf export and the original-layout export (each with no recipe
+    keys given: the checkpoint says it is v1): the "###" template, <im_start>/<im_end>, the same greedy answers."""
+    from lora_llava.infer.generate import generate_answers
+    from lora_llava.infer.load import load_for_inference
+
+    s2 = v1["s2"]
+    hf = merge(s2.output_dir, v1["root"] / "hf-gen", dtype="fp32", progress=False).out
+    llava = merge(s2.output_dir, v1["root"] / "llava-gen", format="llava", dtype="fp32", progress=False).out
+    folder, _, eval_json = shapes_data
+    records = json.loads(eval_json.read_text())[:3]
+    turns = [[("human", r["conversations"][0]["value"])] for r in records]
+    images = [[r["image"]] for r in records]
+    answers = []
+    for path in (s2.output_dir, hf, llava):
+        loaded = load_for_inference(path)
+        assert loaded.template == "llava_v0", loaded
+        assert loaded.processor.tokenizer.convert_tokens_to_ids(["<im_start>", "<im_end>"]) == [32001, 32002]
+        answers.append(generate_answers(loaded.model, loaded.processor, turns, images, str(folder),
+                                        template=loaded.template, max_new_tokens=6))
+    assert answers[0] == answers[1] == answers[2], answers
