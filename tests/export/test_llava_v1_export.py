@@ -249,3 +249,11 @@ def test_run_and_both_exports_answer_alike(v1, shapes_data):
         answers.append(generate_answers(loaded.model, loaded.processor, turns, images, str(folder),
                                         template=loaded.template, max_new_tokens=6))
     assert answers[0] == answers[1] == answers[2], answers
+
+
+def test_gguf_refuses_a_v1_run(v1, tmp_path):
+    from lora_llava.errors import MergeError
+
+    with pytest.raises(MergeError, match="--format gguf: this run is a LLaVA v1 model"):
+        merge(v1["s2"].output_dir, tmp_path / "gguf", format="gguf", progress=False)
+    assert not (tmp_path / "gguf").exists()
