@@ -18,8 +18,8 @@ from ..files import read_json
 from .constants import DEFAULT_VISION_TOWER, image_tokens
 from .layouts import checkpoint_layout, original_text_fields
 
-__all__ = ["ModelSpec", "checkpoint_model_keys", "config_image_token_id", "config_image_tokens", "llava_config", "looks_local",
-           "read_config_dict"]
+__all__ = ["ModelSpec", "checkpoint_model_keys", "config_image_token_id", "config_image_tokens", "llava_config",
+           "looks_local", "read_config_dict"]
 
 
 def looks_local(path: str) -> bool:
