@@ -50,7 +50,7 @@ def v1(tmp_path_factory, shapes_data):
     r2 = _recipe(parts, data, root / "s2", stage=2, bits=16, projector=str(s1.output_dir))
     start2 = {n: q.detach().clone() for n, q in build_model(r2)[0].named_parameters()}
     s2 = train(r2)
-    return {"s1": s1, "s2": s2, "before": before, "start2": start2, "root": root}
+    return {"s1": s1, "s2": s2, "before": before, "start2": start2, "root": root, "parts": parts, "data": data}
 
 
 def test_stage1_trains_the_projector_and_the_two_rows_only(v1):
@@ -257,3 +257,24 @@ def test_gguf_refuses_a_v1_run(v1, tmp_path):
     with pytest.raises(MergeError, match="--format gguf: this run is a LLaVA v1 model"):
         merge(v1["s2"].output_dir, tmp_path / "gguf", format="gguf", progress=False)
     assert not (tmp_path / "gguf").exists()
+
+
+def test_v1_stage2_resumes_with_its_rows(v1):
+    """A stage-2 checkpoint holds the adapter (its trainable-token rows included) and the projector file (rows too);
+    resuming from it ends where the uninterrupted run ends."""
+    root = v1["root"]
+    extra = {"save_strategy": "steps", "save_steps": 2, "dataloader_num_workers": 0}
+
+    def recipe(out):
+        r = _recipe(v1["parts"], v1["data"], out, stage=2, bits=16, projector=str(v1["s1"].output_dir))
+        raw = r.to_dict()
+        raw["train"].update(extra)
+        return recipe_from_dict(raw)
+
+    full = train(recipe(root / "full"))
+    resumed = train(recipe(root / "resumed"), resume=str(root / "full" / "checkpoint-2"))
+    a = load_file(str(full.output_dir / "projector.safetensors"))
+    b = load_file(str(resumed.output_dir / "projector.safetensors"))
+    assert a.keys() == b.keys() and "embed_tokens.rows" in a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
