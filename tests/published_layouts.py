@@ -16,6 +16,9 @@ files and formats are the real ones):
 - ``mm_projector``: the stage-1 release's ``mm_projector.bin`` (``model.mm_projector.{0,2}.{weight,bias}``, bfloat16).
 
 All five hold the same weights, so a model assembled from any of them is the same model.
+
+:func:`build_v1` writes the original LLaVA (v1) release's layout (linear ``model.mm_projector``, ``mm_use_im_start_end``,
+32003 rows) and v1's stage-1 ``mm_projector.bin``, with weights of their own.
 """
 
 from __future__ import annotations
