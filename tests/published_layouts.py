@@ -17,8 +17,8 @@ files and formats are the real ones):
 
 All five hold the same weights, so a model assembled from any of them is the same model.
 
-:func:`build_v1` writes the original LLaVA (v1) release's layout (linear ``model.mm_projector``, ``mm_use_im_start_end``,
-32003 rows) and v1's stage-1 ``mm_projector.bin``, with weights of their own.
+:func:`build_v1` writes the original LLaVA (v1) release's layout (linear ``model.mm_projector``,
+``mm_use_im_start_end``, 32003 rows) and v1's stage-1 ``mm_projector.bin``, with weights of their own.
 """
 
 from __future__ import annotations
