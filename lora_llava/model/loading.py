@@ -8,7 +8,9 @@
 In every case the language model's linear layers are quantized while loading (``quant.bits``), the vision tower,
 projector and ``lm_head`` stay unquantized, the tokenizer gains ``<image>`` and ``<pad>`` the way the llava-hf
 checkpoints do (vocabulary padded to a multiple of 64), and a ``LlavaProcessor`` (CLIP image processor + tokenizer)
-comes back with the model.
+comes back with the model. The original LLaVA (v1, ``model.projector_type: linear``, ``model.image_tokens:
+start_end``) is the same model with an identity activation and ``linear_2`` set to the identity, and ``<im_start>`` /
+``<im_end>`` added between ``<image>`` and ``<pad>``.
 """
 
 from __future__ import annotations
