@@ -37,9 +37,12 @@ QUESTIONS = (
 
 
 def make_demo_model(out_dir: str | Path, image_size: int = 48, seed: int = 0, hidden_size: int = 128,
-                    anyres: bool = False) -> Path:
+                    anyres: bool = False, projector_type: str = "mlp2x_gelu", start_end: bool = False) -> Path:
     """Write a tiny random LLaVA-1.5-shaped model + processor in the llava-hf layout to ``out_dir``; with ``anyres``
-    a tiny LLaVA-NeXT (the default 1x2 / 2x1 / 2x2 grid of ``image_size`` tiles) in the llava-next-hf layout."""
+    a tiny LLaVA-NeXT (the default 1x2 / 2x1 / 2x2 grid of ``image_size`` tiles) in the llava-next-hf layout.
+
+    ``projector_type: linear`` and ``start_end`` give the original LLaVA's (v1) shape: one linear projector (identity
+    activation, ``linear_2`` the identity) and ``<im_start>`` / ``<im_end>`` in the tokenizer."""
     import torch
     from transformers import (
         CLIPImageProcessor,
@@ -58,7 +61,8 @@ def make_demo_model(out_dir: str | Path, image_size: int = 48, seed: int = 0, hi
 
     out_dir = Path(out_dir)
     tok = vicuna_tokenizer()
-    add_llava_tokens(tok)  # <image> = 32000, <pad> = 32001, as the llava-hf checkpoints have them
+    add_llava_tokens(tok, start_end=start_end)  # <image> 32000, <pad> 32001 (v1: <im_start> 32001, <im_end> 32002,
+    # <pad> 32003), as the llava-hf checkpoints and the original v1 have them
     patch = 8
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                               image_size=image_size, patch_size=patch, projection_dim=64)
@@ -69,7 +73,8 @@ def make_demo_model(out_dir: str | Path, image_size: int = 48, seed: int = 0, hi
                        # (its largest logit margin stays near 1 with a frozen head), so the loss would barely move.
                        initializer_range=0.1)
     common = dict(vision_config=vision, text_config=text, image_token_index=image_token_id(tok),
-                  projector_hidden_act="gelu", vision_feature_layer=-2, vision_feature_select_strategy="default",
+                  projector_hidden_act="linear" if projector_type == "linear" else "gelu", vision_feature_layer=-2,
+                  vision_feature_select_strategy="default",
                   image_seq_length=(image_size // patch) ** 2, pad_token_id=tok.pad_token_id)
     size = dict(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     torch.manual_seed(seed)
@@ -82,6 +87,11 @@ def make_demo_model(out_dir: str | Path, image_size: int = 48, seed: int = 0, hi
         model = LlavaForConditionalGeneration(LlavaConfig(**common))
         image_processor = CLIPImageProcessor(**size)
         processor_cls = LlavaProcessor
+    if projector_type == "linear":
+        with torch.no_grad():
+            linear_2 = model.model.multi_modal_projector.linear_2
+            linear_2.weight.copy_(torch.eye(linear_2.weight.shape[0]))
+            linear_2.bias.zero_()
     processor = processor_cls(image_processor=image_processor, tokenizer=tok, patch_size=patch,
                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
                               image_token="<image>")  # noqa: S106 - a token, not a password
@@ -147,7 +157,9 @@ def prepare_demo(recipe) -> None:
     model_dir = Path(recipe.model.llava)
     if not (model_dir / "config.json").is_file():
         logger.info("demo: writing a tiny random LLaVA to %s", model_dir)
-        make_demo_model(model_dir, image_size=demo.image_size, seed=demo.seed, anyres=demo.anyres)
+        make_demo_model(model_dir, image_size=demo.image_size, seed=demo.seed, anyres=demo.anyres,
+                        projector_type=recipe.model.projector_type,
+                        start_end=recipe.model.image_tokens == "start_end")
     train_file = Path(recipe.data.train[0])
     if not train_file.is_file():
         logger.info("demo: writing %d + %d coloured-shape samples to %s", demo.train_samples, demo.eval_samples,

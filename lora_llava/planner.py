@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import ModelError, PlanError
 from .llava.anyres import AnyresGrid, limit_tiles
-from .llava.constants import DEFAULT_VISION_TOWER, padded_vocab
+from .llava.constants import DEFAULT_VISION_TOWER, V1_VISION_TOWER, padded_vocab
 from .llava.spec import ModelSpec
 
 __all__ = ["KNOWN_CONFIGS", "Plan", "Shapes", "plan", "shapes_for"]
@@ -70,6 +70,7 @@ _VICUNA_13B = {**_VICUNA_7B, "hidden_size": 5120, "intermediate_size": 13824, "n
                "num_attention_heads": 40, "num_key_value_heads": 40}
 _CLIP_L_336 = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
                "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336, "patch_size": 14}
+_CLIP_L_224 = {**_CLIP_L_336, "image_size": 224}  # LLaVA v1's tower: 16 x 16 = 256 image tokens
 
 
 def _llava_hf(text: dict) -> dict:
@@ -98,6 +99,9 @@ def _original_next(text: dict) -> dict:
 KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     "lmsys/vicuna-7b-v1.5": _VICUNA_7B,
     "lmsys/vicuna-13b-v1.5": _VICUNA_13B,
+    # LLaMA-1 based Vicunas (2048 positions), what the LLaVA v1 recipes start from.
+    "lmsys/vicuna-7b-v1.3": {**_VICUNA_7B, "max_position_embeddings": 2048},
+    "lmsys/vicuna-13b-v1.3": {**_VICUNA_13B, "max_position_embeddings": 2048},
     "meta-llama/Llama-2-7b-hf": _VICUNA_7B,
     "meta-llama/Llama-2-13b-hf": _VICUNA_13B,
     "llava-hf/llava-1.5-7b-hf": _llava_hf(_VICUNA_7B),
@@ -109,6 +113,7 @@ KNOWN_CONFIGS: dict[str, dict[str, Any]] = {
     "liuhaotian/llava-v1.6-vicuna-7b": _original_next(_VICUNA_7B),
     "liuhaotian/llava-v1.6-vicuna-13b": _original_next(_VICUNA_13B),
     DEFAULT_VISION_TOWER: _CLIP_L_336,
+    V1_VISION_TOWER: _CLIP_L_224,
 }
 """config.json of the published checkpoints the shipped recipes name, so ``plan`` needs no download."""
 

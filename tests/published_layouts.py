@@ -17,6 +17,9 @@ files and formats are the real ones):
 
 All five hold the same weights, so a model assembled from any of them is the same model. :func:`build_next` adds the
 LLaVA-NeXT (1.6) layouts of the same weights.
+
+:func:`build_v1` writes the original LLaVA (v1) release's layout (linear ``model.mm_projector``,
+``mm_use_im_start_end``, 32003 rows) and v1's stage-1 ``mm_projector.bin``, with weights of their own.
 """
 
 from __future__ import annotations
@@ -324,3 +327,43 @@ def build_next(root: Path, paths: dict[str, Path]) -> dict[str, Path]:
     out["next_projector"].parent.mkdir()
     save_file(projector, str(out["next_projector"]))
     return out
+
+
+def build_v1(root: Path, tower: Path) -> dict[str, Path]:
+    """The original LLaVA (v1) release's layout (liuhaotian/LLaVA-13b-delta-v0 as applied, April 2023), tiny:
+    ``model_type: llava`` without ``mm_projector_type`` (v1 had only its linear projector), ``mm_use_im_start_end:
+    true``, ``mm_vision_tower: openai/clip-vit-large-patch14``, ``pad_token_id: -1``, a vocabulary of 32003 rows
+    (``<im_patch>`` 32000, ``<im_start>`` 32001, ``<im_end>`` 32002 in ``added_tokens.json``), the projector as one
+    ``model.mm_projector.{weight,bias}``; and v1's stage-1 ``mm_projector.bin``, which keeps the whole input
+    embedding next to the projector. ``tower`` is a CLIP checkpoint of :func:`build` (model.vision_tower points at it).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=32003, max_position_embeddings=256, initializer_range=0.1, **TEXT))
+    state = {k: v.to(torch.float16) for k, v in llm.state_dict().items()}
+    projector = {"weight": (torch.randn(TEXT["hidden_size"], VISION["hidden_size"]) * 0.2).half(),
+                 "bias": (torch.randn(TEXT["hidden_size"]) * 0.2).half()}
+    paths = {"original_v1": root / "original_v1", "mm_projector_v1": root / "pretrain_v1" / "mm_projector.bin"}
+    folder = paths["original_v1"]
+    folder.mkdir(parents=True)
+    paths["mm_projector_v1"].parent.mkdir(parents=True)
+    original = dict(state)
+    original.update({f"model.mm_projector.{k}": v for k, v in projector.items()})
+    _save_shards(original, folder, "bin", 2)
+    _write(folder, "config.json", {
+        "_name_or_path": "./checkpoints/llava-13b-v0", "architectures": ["LlavaLlamaForCausalLM"], "bos_token_id": 1,
+        "eos_token_id": 2, "hidden_act": "silu", **TEXT, "initializer_range": 0.02, "max_sequence_length": 2048,
+        "max_position_embeddings": 2048, "mm_hidden_size": VISION["hidden_size"], "mm_use_im_start_end": True,
+        "mm_vision_select_layer": -2, "mm_vision_tower": "openai/clip-vit-large-patch14", "model_type": "llava",
+        "pad_token_id": -1, "rms_norm_eps": 1e-06, "tie_word_embeddings": False, "torch_dtype": "float16",
+        "transformers_version": "4.28.0.dev0", "tune_mm_mlp_adapter": False, "use_cache": True, "use_mm_proj": True,
+        "vocab_size": 32003})
+    _vicuna_tokenizer_files(folder)
+    _write(folder, "added_tokens.json", {"<im_patch>": 32000, "<im_start>": 32001, "<im_end>": 32002})
+    torch.save({"model.mm_projector.weight": projector["weight"].to(torch.bfloat16),
+                "model.mm_projector.bias": projector["bias"].to(torch.bfloat16),
+                "model.embed_tokens.weight": state["model.embed_tokens.weight"].to(torch.bfloat16)},
+               paths["mm_projector_v1"])
+    paths["tower"] = tower
+    return paths

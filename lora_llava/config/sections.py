@@ -48,6 +48,13 @@ class ModelSection:
     ``default`` = grids of 1x2, 2x1 and 2x2 tiles (``[[336, 672], [672, 336], [672, 672]]`` at 336 px). The model is
     then transformers' ``LlavaNextForConditionalGeneration``. Unset: LLaVA-1.5 (one tile per image), or the
     resolutions a LLaVA-NeXT checkpoint (``model.llava``) names."""
+    projector_type: Literal["mlp2x_gelu", "linear"] = "mlp2x_gelu"
+    """``mlp2x_gelu`` = LLaVA-1.5's Linear-GELU-Linear; ``linear`` = the original LLaVA's (v1) single linear layer,
+    held as ``linear_1`` with an identity activation and a frozen identity ``linear_2``, so exports stay a plain
+    transformers LLaVA. A LLaVA checkpoint's own projector must agree."""
+    image_tokens: Literal["plain", "start_end"] = "plain"
+    """``plain`` = each image is its image tokens (LLaVA-1.5); ``start_end`` = wrapped in ``<im_start>`` /
+    ``<im_end>``, added tokens whose input embedding rows train in both stages (the original LLaVA, v1)."""
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     """Dtype of unquantized weights and compute; ``auto`` = bf16 on a GPU that has it, fp16 on one that does not,
@@ -126,7 +133,8 @@ class EvalSection:
 
 _TRAIN_OURS: list[tuple[str, Any, Any, str]] = [
     ("stage", Literal[1, 2], 2, "1 = align the projector (projector only); 2 = LoRA + projector"),
-    ("projector_lr", float | None, 2e-5, "learning rate of the projector in stage 2 (LLaVA-1.5: 2e-5)"),
+    ("projector_lr", float | None, 2e-5, "learning rate of the projector (and of LLaVA v1's <im_start>/<im_end> "
+     "rows) in stage 2 (LLaVA-1.5: 2e-5)"),
     ("group_by_modality_length", bool, False,
      "batches of one modality (image or text-only) and of similar length, as LLaVA-1.5's fine-tuning does: less "
      "padding, and text-only batches skip the vision tower"),

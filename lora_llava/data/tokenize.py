@@ -1,7 +1,8 @@
 """Sample -> ``input_ids`` / ``labels`` the way LLaVA-1.5 trains on them.
 
 As in the reference, the prompt string is tokenized as whole pieces between ``<image>`` tags (BOS once, at the very
-start), and each tag becomes the model's image token repeated once per image feature (576 for CLIP-L/336).
+start), and each tag becomes the model's image token repeated once per image feature (576 for CLIP-L/336); with a
+tokenizer that has ``<im_start>`` / ``<im_end>`` (LLaVA v1) those tokens wrap each image's tokens.
 Labels come from character offsets: a token is supervised when it overlaps an answer segment of the template (the
 answer and the separator that closes it). Everything else, BOS, system, questions, role headers, image tokens, is
 -100. A sample with no supervised token left is an error (or a counted skip), never silently trained on.
@@ -13,7 +14,7 @@ import dataclasses
 from collections.abc import Sequence
 
 from ..llava.constants import IGNORE_INDEX
-from ..llava.tokenizer import encode_like_sentencepiece
+from ..llava.tokenizer import encode_like_sentencepiece, image_wrap_ids
 from .sources import Sample
 from .templates import IMAGE_TAG, Template
 
@@ -60,10 +61,14 @@ def _encode_segments(tokenizer, segments: list[tuple[str, bool]], image_token_id
     offset = 0
     chunks = text.split(IMAGE_TAG)
     counts = _per_image(num_image_tokens, len(chunks) - 1)
+    wrap = image_wrap_ids(tokenizer)
     for k, chunk in enumerate(chunks):
         if k > 0:
-            ids += [image_token_id] * counts[k - 1]
-            labels += [IGNORE_INDEX] * counts[k - 1]
+            image = [image_token_id] * counts[k - 1]
+            if wrap is not None:
+                image = [wrap[0], *image, wrap[1]]
+            ids += image
+            labels += [IGNORE_INDEX] * len(image)
             offset += len(IMAGE_TAG)
         enc = encode_like_sentencepiece(tokenizer, chunk, add_special_tokens=(k == 0))
         for tid, (start, end) in zip(enc["input_ids"], enc["offset_mapping"]):
@@ -93,7 +98,8 @@ def encode_sample(sample: Sample, tokenizer, template: Template, image_token_id:
         raise ValueError(f"{sample.where or sample.id}: no token of the answers is supervised")
     truncated = False
     if max_length is not None and len(ids) > max_length:
-        last_image = max((i for i, t in enumerate(ids) if t == image_token_id), default=-1)
+        image_ids = {image_token_id, *(image_wrap_ids(tokenizer) or ())}
+        last_image = max((i for i, t in enumerate(ids) if t in image_ids), default=-1)
         if last_image >= max_length or all(lab == IGNORE_INDEX for lab in labels[:max_length]):
             raise SampleTooLong(
                 f"{sample.where or sample.id}: {len(ids)} tokens > data.max_length {max_length}, and cutting would "

@@ -15,7 +15,7 @@ Pixels: training pads an image to a square of the CLIP mean colour before CLIP's
 
 from __future__ import annotations
 
-__all__ = ["VICUNA_CHAT_TEMPLATE", "padding_image_processor"]
+__all__ = ["VICUNA_CHAT_TEMPLATE", "padding_image_processor", "v0_chat_template"]
 
 VICUNA_CHAT_TEMPLATE = (
     "{%- set system = 'A chat between a curious user and an artificial intelligence assistant. The assistant gives "
@@ -33,6 +33,30 @@ VICUNA_CHAT_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
 )
 """The vicuna_v1 prompt as a chat template: ``apply_chat_template`` + the tokenizer give exactly training's ids."""
+
+
+def v0_chat_template(start_end: bool) -> str:
+    """The ``llava_v0`` ("###") prompt of LLaVA v1 as a chat template: ``{system}\n\n### Human: {q}\n### Assistant:
+    {a}\n### Human: ...``. ``start_end``: each image is ``<im_start><image><im_end>`` (the processor expands the
+    ``<image>``), as training wraps it. The space after an image stands for the ``▁`` SentencePiece starts the next
+    piece with (see the module docstring)."""
+    image = "<im_start><image><im_end>" if start_end else "<image>"
+    return (
+        "{%- set system = 'A chat between a curious human and an artificial intelligence assistant. The assistant "
+        "gives helpful, detailed, and polite answers to the human\\'s questions.' -%}"
+        "{{- system + '\\n\\n###' -}}"
+        "{%- for message in messages -%}"
+        "{%- if message['content'] is string -%}{%- set text = message['content'] -%}{%- set images = 0 -%}"
+        "{%- else -%}{%- set text = message['content'] | selectattr('type', 'equalto', 'text') | "
+        "map(attribute='text') | join('\\n') -%}{%- set images = message['content'] | selectattr('type', 'equalto', "
+        "'image') | list | length -%}"
+        "{%- endif -%}"
+        "{%- if message['role'] == 'user' -%}"
+        f"{{{{- ' Human: ' + ('{image} \\n' * images if text else '{image}' * images + ' ') + text + '\\n###' -}}}}"
+        "{%- elif message['role'] == 'assistant' -%}{{- ' Assistant: ' + text + '\\n###' -}}{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{- ' Assistant:' -}}{%- endif -%}"
+    )
 
 
 def padding_image_processor(clip):

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import re
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,9 @@ from ..llava.layouts import EXPORT_INFO_FILE, to_hf, to_internal, to_original
 from ..llava.spec import ModelSpec, llava_config, looks_local
 from ..llava.tokenizer import image_token_id, is_llama2_sentencepiece_vocab, sentencepiece_model_bytes
 from ..model.loading import added_rows
+from ..model.projector import ROW_IDS, ROWS
 from ..run.folder import RunFolder
-from .chat_template import VICUNA_CHAT_TEMPLATE, padding_image_processor
+from .chat_template import VICUNA_CHAT_TEMPLATE, padding_image_processor, v0_chat_template
 from .gguf import check_gguf_tools, gguf_file_names, write_gguf
 from .safetensors_io import ShardWriter, iter_tensors, largest_shard, low_memory_allocator, staging
 
@@ -124,7 +126,10 @@ class _Run:
         self.recipe = run.read_recipe()
         if not run.is_finished() or not run.projector_file.is_file():
             raise MergeError(f"'{run_dir}' has no usable {run.projector_file.name}: {run.unfinished_hint()}")
-        self.projector = {"model." + k: v for k, v in _tensors(run.projector_file).items()}
+        tensors = _tensors(run.projector_file)
+        # LLaVA v1: the trained <im_start>/<im_end> input rows travel in the projector file (ids + rows).
+        self.rows = (tensors.pop(ROW_IDS).to(torch.int64), tensors.pop(ROWS)) if ROWS in tensors else None
+        self.projector = {"model." + k: v for k, v in tensors.items()}
         self.lora: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.scale = 0.0
         if self.recipe.train.stage == 2:
@@ -146,6 +151,8 @@ class _Run:
         raw = _tensors(weights)
         parts: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in raw.items():
+            if "trainable_tokens_" in key:
+                continue  # the trained embedding rows: the projector file holds the same values
             m = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight$", key)
             if m is None:
                 raise MergeError(f"{weights}: unexpected tensor '{key}' (only LoRA A/B weights can be merged)")
@@ -176,7 +183,8 @@ def _sources(run: _Run, base: str | None) -> tuple[list[tuple[Path, str]], dict[
     spec = ModelSpec.from_recipe(run.recipe, base=base)
     folder = _local(spec.path, spec.key)
     settings: dict[str, Any] = {"layer": spec.feature_layer, "strategy": spec.strategy, "tower": spec.vision_path,
-                                "pinpoints": spec.pinpoints, "tuned_tower": spec.tower_in_checkpoint}
+                                "pinpoints": spec.pinpoints, "tuned_tower": spec.tower_in_checkpoint,
+                                "projector": spec.projector_type, "start_end": spec.start_end}
     vision = spec.vision_config.to_dict()
     if spec.layout == "llava-hf":
         # The tower travels inside a llava-hf checkpoint; the original layout must name one instead.
@@ -190,6 +198,16 @@ def _sources(run: _Run, base: str | None) -> tuple[list[tuple[Path, str]], dict[
     if spec.tower_in_checkpoint:  # LLaVA-1.6 trained its tower: its weights are the checkpoint's, not CLIP's
         return [(folder, kind)], spec.text, vision, settings
     return [(folder, kind), (_local(spec.vision_path, spec.vision_key), "clip")], spec.text, vision, settings
+
+
+def _check_identity(projector: dict[str, torch.Tensor]) -> None:
+    """A linear (LLaVA v1) projector's ``linear_2`` must still be the identity (it never trains): the original layout
+    has no place for it, and an hf export is exact only with it."""
+    w = projector["model.multi_modal_projector.linear_2.weight"]
+    b = projector["model.multi_modal_projector.linear_2.bias"]
+    if not (torch.equal(w, torch.eye(w.shape[0], dtype=w.dtype)) and not b.any()):
+        raise MergeError("the run's projector is linear (model.projector_type: linear) but its linear_2 is not the "
+                         "identity; was it trained by another version of lora-llava?")
 
 
 def _is_clip_l_336(vision: dict[str, Any]) -> bool:
@@ -258,9 +276,15 @@ def merge(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: str =
     tokenizer = processor.tokenizer
     vocab = padded_vocab(len(tokenizer))
     sources, text_cfg, vision_cfg, settings = _sources(run, base)
-    rename = to_hf if format == "hf" else to_original
-    if format == "llava" and settings["tuned_tower"]:
+    linear = settings["projector"] == "linear"
+    if linear:
+        _check_identity(run.projector)
+    if format == "hf":
+        rename = to_hf
+    elif settings["tuned_tower"]:
         rename = _to_original_with_tower
+    else:
+        rename = partial(to_original, linear=linear)
     merged: set[str] = set()
     written: set[str] = set()
     # The original layout names its vision tower; a llava-hf base of another shape gets its own tower folder.
@@ -295,6 +319,11 @@ def merge(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: str =
                     # <image> and <pad> rows as training made them (the deterministic mean of the base rows).
                     base_rows = tensor.to(train_dtype)
                     tensor = torch.cat([base_rows, added_rows(base_rows, vocab - tensor.shape[0])])
+                if name == "model.language_model.embed_tokens.weight" and run.rows is not None:
+                    # The trained rows, as training's forward used them (cast to the base's dtype).
+                    ids, rows = run.rows
+                    tensor = tensor.clone()
+                    tensor[ids] = rows.to(train_dtype).to(tensor.dtype)
                 written.add(name)
                 if tower is not None and name.startswith("model.vision_tower."):
                     tower["vision_model." + name.removeprefix("model.vision_tower.")] = tensor.contiguous()
@@ -303,7 +332,8 @@ def merge(run_dir: str | Path, out: str | Path, format: str = "hf", dtype: str =
                     writer.add(target, tensor.to(out_dtype))
                 bar.update()
         for name, tensor in run.projector.items():
-            writer.add(rename(name), tensor.to(out_dtype))
+            if rename(name) is not None:
+                writer.add(rename(name), tensor.to(out_dtype))
             bar.update()
         bar.close()
         missing = sorted(set(run.lora) - merged)
@@ -329,7 +359,16 @@ def _merge_gguf(run_dir, out: Path, base, from_dequantized: bool, overwrite: boo
     for a while."""
     import shutil
 
-    if ModelSpec.from_recipe(_Run(Path(run_dir)).recipe, base=base).is_next:
+    try:
+        recipe = _Run(Path(run_dir)).recipe
+    except MergeError:
+        recipe = None  # the hf merge below names what is wrong with the run folder
+    m = recipe.model if recipe is not None else None
+    if m is not None and (m.projector_type != "mlp2x_gelu" or m.image_tokens != "plain"):
+        raise MergeError("--format gguf: this run is a LLaVA v1 model (model.projector_type: linear / "
+                         "model.image_tokens: start_end), which the GGUF writer does not describe; use --format hf "
+                         "or --format llava")
+    if recipe is not None and ModelSpec.from_recipe(recipe, base=base).is_next:
         raise MergeError("--format gguf: this run is a LLaVA-NeXT / 1.5-HD model (model.image_grid_pinpoints or a "
                          "LLaVA-NeXT checkpoint); lora-llava writes GGUF for LLaVA-1.5 only. Use --format hf (or "
                          "llava) and convert that with llama.cpp's own tools")
@@ -397,13 +436,15 @@ def _write_configs(folder: Path, format: str, run: _Run, processor, text_cfg: di
     if format == "hf":
         vision = {k: v for k, v in vision_cfg.items() if k not in drop}
         config = llava_config(LlamaConfig(**text), vision, image_token_id(tok), settings["layer"],
-                              settings["strategy"], settings["pinpoints"], pad_token_id=tok.pad_token_id,
-                              tie_word_embeddings=False)
+                              settings["strategy"], settings["pinpoints"], projector_type=settings["projector"],
+                              pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
         config.architectures = [type(config).__name__.replace("Config", "ForConditionalGeneration")]
         config.dtype = torch_dtype
         config.save_pretrained(str(folder))
         if run.recipe.template == "vicuna_v1":
             processor.chat_template = VICUNA_CHAT_TEMPLATE
+        elif run.recipe.template == "llava_v0":
+            processor.chat_template = v0_chat_template(settings["start_end"])
         if settings["pinpoints"]:
             # Training's NeXT processor itself: AnyRes never pads to a square, and it counts tokens per image size.
             _check_next_processor(processor, settings["pinpoints"])
@@ -413,9 +454,11 @@ def _write_configs(folder: Path, format: str, run: _Run, processor, text_cfg: di
     else:
         config = dict(LlamaConfig(**text).to_dict(), model_type="llava_llama", architectures=["LlavaLlamaForCausalLM"],
                       torch_dtype=torch_dtype, mm_vision_tower=settings["tower"],
-                      mm_hidden_size=vision_cfg["hidden_size"], mm_projector_type="mlp2x_gelu",
+                      mm_hidden_size=vision_cfg["hidden_size"], mm_projector_type=settings["projector"],
                       mm_vision_select_layer=settings["layer"], mm_vision_select_feature="patch",
-                      mm_use_im_start_end=False, mm_use_im_patch_token=False, mm_patch_merge_type="flat",
+                      # <im_patch> stays off: row 32000 is our <image>, and the reference never feeds patch tokens.
+                      mm_use_im_start_end=settings["start_end"], mm_use_im_patch_token=False,
+                      mm_patch_merge_type="flat",
                       image_aspect_ratio=run.recipe.data.image_aspect_ratio, tune_mm_mlp_adapter=False,
                       freeze_mm_mlp_adapter=False, use_mm_proj=True)
         if settings["pinpoints"]:

@@ -14,7 +14,7 @@ from ..data import get_template
 from ..errors import DataError, InferenceError, ModelError, RecipeError
 from ..files import read_json, read_tensors
 from ..llava.layouts import EXPORT_INFO_FILE, checkpoint_layout
-from ..llava.spec import read_config_dict
+from ..llava.spec import checkpoint_model_keys, read_config_dict
 from ..run.folder import CheckpointFolder, RunFolder
 
 logger = logging.getLogger(__name__)
@@ -220,7 +220,8 @@ def _load_checkpoint(root: Path, bits: int | None, dtype: str | None, dev: torch
         raise InferenceError(f"'{root}' holds a '{config.get('model_type', '?')}' checkpoint, not a LLaVA model "
                              f"(llava-hf or original layout) or a lora-llava run folder (recipe.yaml)")
     info = _export_info(root)
-    raw: dict[str, Any] = {"model": {"llava": str(root)}, "quant": {"bits": 16 if bits is None else bits}}
+    raw: dict[str, Any] = {"model": {"llava": str(root), **checkpoint_model_keys(str(root), config)},
+                           "quant": {"bits": 16 if bits is None else bits}}
     if dtype:
         raw["model"]["dtype"] = dtype
     try:

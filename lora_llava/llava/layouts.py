@@ -6,7 +6,9 @@ Layouts (what :func:`checkpoint_layout` tells from a ``config.json``):
   tensors are ``language_model.model.*``, ``language_model.lm_head.*``, ``vision_tower.vision_model.*`` and
   ``multi_modal_projector.linear_{1,2}.*``; transformers 5 itself saves them under ``model.*``.
 * ``llava-original``: the LLaVA reference (``liuhaotian/llava-v1.5-13b``): Llama names ``model.*`` / ``lm_head.*``,
-  the projector as ``model.mm_projector.{0,2}.*``, the vision tower named by ``mm_vision_tower`` in its config.
+  the projector as ``model.mm_projector.{0,2}.*``, the vision tower named by ``mm_vision_tower`` in its config. The
+  original LLaVA (v1) has one linear projector, ``model.mm_projector.{weight,bias}``: internally ``linear_1``, with
+  ``linear_2`` the identity.
 * ``llama``: a Vicuna / Llama language model; ``clip``: a CLIP (vision) checkpoint.
 
 Internally every tensor carries its transformers-5 module name: ``model.language_model.layers.0...``,
@@ -41,6 +43,7 @@ FROM_PRETRAINED_KEY_MAPPING: dict[str, dict[str, str]] = {
            for i, name in PROJECTOR_LAYERS.items()},
         # A checkpoint that carries its tower (LLaVA-1.6 trained it): the reference's CLIPVisionTower wrapper names.
         r"^model\.vision_tower\.vision_tower\.vision_model\.": "model.vision_tower.",
+        r"^model\.mm_projector\.(?=weight$|bias$)": "model.multi_modal_projector.linear_1.",  # v1: one Linear
         r"^model\.(?!mm_projector\.|multi_modal_projector\.|vision_tower\.|image_newline$)": "model.language_model.",
     },
     "llama": {r"^model\.": "model.language_model."},
@@ -74,6 +77,8 @@ def projector_key(key: str) -> str | None:
         for prefix in (f"multi_modal_projector.{name}.", f"mm_projector.{index}."):
             if prefix in key:
                 return f"{name}.{key.split(prefix, 1)[1]}"
+    if key.endswith(("mm_projector.weight", "mm_projector.bias")):  # LLaVA v1's single Linear
+        return "linear_1." + key.rsplit(".", 1)[1]
     return None
 
 
@@ -122,13 +127,17 @@ def to_hf(name: str) -> str:
     return name.removeprefix("model.")
 
 
-def to_original(name: str) -> str | None:
-    """Internal name -> the original LLaVA layout (no vision tower there: ``mm_vision_tower`` names it)."""
+def to_original(name: str, linear: bool = False) -> str | None:
+    """Internal name -> the original LLaVA layout (no vision tower there: ``mm_vision_tower`` names it). ``linear``:
+    v1's single-Linear projector, ``model.mm_projector.{weight,bias}`` from ``linear_1`` (``linear_2``, the
+    identity, is not written)."""
     if name.startswith("model.language_model."):
         return "model." + name.removeprefix("model.language_model.")
     key = projector_key(name)
     if key is not None:
         layer, param = key.split(".", 1)
+        if linear:
+            return f"model.mm_projector.{param}" if layer == "linear_1" else None
         return f"model.mm_projector.{_PROJECTOR_INDEX[layer]}.{param}"
     if name.startswith("model.vision_tower."):
         return None

@@ -19,8 +19,8 @@ from .anyres import AnyresGrid, grid_pinpoints
 from .constants import DEFAULT_VISION_TOWER, image_tokens
 from .layouts import checkpoint_layout, original_text_fields
 
-__all__ = ["ModelSpec", "config_image_token_id", "config_image_tokens", "image_token_counts", "is_next_config",
-           "llava_config", "looks_local", "read_config_dict", "resolve_pinpoints"]
+__all__ = ["ModelSpec", "checkpoint_model_keys", "config_image_token_id", "config_image_tokens", "image_token_counts",
+           "is_next_config", "llava_config", "looks_local", "read_config_dict", "resolve_pinpoints"]
 
 
 def looks_local(path: str) -> bool:
@@ -113,10 +113,12 @@ def resolve_pinpoints(value, tile: int, key: str = "model.image_grid_pinpoints")
 
 
 def llava_config(text_config, vision_config, image_token_id: int, feature_layer: int = -2, strategy: str = "default",
-                 pinpoints: Sequence[Sequence[int]] | None = None, **extra: Any):
+                 pinpoints: Sequence[Sequence[int]] | None = None, projector_type: str = "mlp2x_gelu", **extra: Any):
     """LLaVA-1.5's ``LlavaConfig``: GELU projector with biases, features of ``feature_layer``, image tokens from the
     tower's patch grid (plus CLS with the ``full`` strategy). With grid ``pinpoints`` the same model as a
-    ``LlavaNextConfig`` (LLaVA-1.5-HD / NeXT AnyRes: images cut into those grids of tiles)."""
+    ``LlavaNextConfig`` (LLaVA-1.5-HD / NeXT AnyRes: images cut into those grids of tiles). ``projector_type: linear``
+    (LLaVA v1): the activation is the identity (transformers' ``"linear"``), so ``linear_2`` held at the identity
+    makes the projector exactly v1's single linear layer."""
     from transformers import LlavaConfig, LlavaNextConfig
 
     vc = vision_config if isinstance(vision_config, dict) else vision_config.to_dict()
@@ -124,7 +126,8 @@ def llava_config(text_config, vision_config, image_token_id: int, feature_layer:
         extra["image_grid_pinpoints"] = [list(p) for p in pinpoints]
     return (LlavaNextConfig if pinpoints else LlavaConfig)(
         vision_config=vision_config, text_config=text_config, image_token_id=image_token_id,
-        projector_hidden_act="gelu", vision_feature_layer=feature_layer, vision_feature_select_strategy=strategy,
+        projector_hidden_act="linear" if projector_type == "linear" else "gelu", vision_feature_layer=feature_layer,
+        vision_feature_select_strategy=strategy,
         image_seq_length=image_tokens(vc["image_size"], vc["patch_size"], strategy), multimodal_projector_bias=True,
         **extra,
     )
@@ -156,6 +159,11 @@ class ModelSpec:
     strategy: str = "default"
     pinpoints: tuple[tuple[int, int], ...] | None = None
     """Grid resolutions (``[height, width]``) of a LLaVA-NeXT / 1.5-HD model; None for LLaVA-1.5."""
+    projector_type: str = "mlp2x_gelu"
+    """``mlp2x_gelu`` (LLaVA-1.5) or ``linear`` (LLaVA v1: ``linear_1``, identity activation, frozen identity
+    ``linear_2``)."""
+    start_end: bool = False
+    """LLaVA v1's ``<im_start>`` / ``<im_end>`` around each image's tokens."""
 
     @classmethod
     def from_recipe(cls, recipe, base: str | None = None,
@@ -187,7 +195,9 @@ class ModelSpec:
         vision = _vision(tower, "model.vision_tower", known)
         pins = None if m.image_grid_pinpoints is None else resolve_pinpoints(m.image_grid_pinpoints,
                                                                                vision.image_size)
-        return cls("parts", key, path, config, dict(config), vision, tower, "model.vision_tower", pinpoints=pins)
+        return cls("parts", key, path, config, dict(config), vision, tower, "model.vision_tower", pinpoints=pins,
+                   projector_type=_recipe_value(m, "projector_type", "mlp2x_gelu"),
+                   start_end=_recipe_value(m, "image_tokens", "plain") == "start_end")
 
     @classmethod
     def _llava_hf(cls, m, key: str, path: str, config: dict[str, Any]) -> ModelSpec:
@@ -209,20 +219,27 @@ class ModelSpec:
                                  "it is; for LLaVA-1.5-HD start from its parts (model.llm + model.vision_tower, "
                                  "model.projector for a stage-1 projector) or from the original-layout checkpoint")
             c, pins = LlavaConfig.from_dict(config), None
+        kind = "linear" if c.projector_hidden_act == "linear" else "mlp2x_gelu"
+        _agree(m, "projector_type", kind, path, f"projector_hidden_act '{c.projector_hidden_act}'")
+        # Start/end tokens live in the tokenizer (the loader checks it against model.image_tokens).
         return cls("llava-hf", key, path, config, c.text_config.to_dict(), c.vision_config, None, key,
-                   c.vision_feature_layer, c.vision_feature_select_strategy, pins)
+                   c.vision_feature_layer, c.vision_feature_select_strategy, pins, projector_type=kind,
+                   start_end=_recipe_value(m, "image_tokens", "plain") == "start_end")
 
     @classmethod
     def _original(cls, m, key: str, path: str, config: dict[str, Any], known) -> ModelSpec:
         if config.get("model_type") not in ("llava_llama", "llava", None):
             raise ModelError(f"{key}: '{path}' is an original LLaVA checkpoint of type '{config['model_type']}'; "
                              "only the Llama/Vicuna based LLaVA-1.5 (llava_llama) is supported")
+        # The original v1 releases predate mm_projector_type: absent means v1's single linear layer.
         kind = config.get("mm_projector_type", "linear")
-        if kind != "mlp2x_gelu":
-            raise ModelError(f"{key}: '{path}' has mm_projector_type '{kind}'; LLaVA-1.5 uses mlp2x_gelu")
-        if config.get("mm_use_im_start_end"):
-            raise ModelError(f"{key}: '{path}' uses image start/end tokens (mm_use_im_start_end), which LLaVA-1.5 "
-                             "does not; this checkpoint is not supported")
+        if kind not in ("mlp2x_gelu", "linear"):
+            raise ModelError(f"{key}: '{path}' has mm_projector_type '{kind}'; lora-llava reads mlp2x_gelu "
+                             "(LLaVA-1.5) and linear (LLaVA v1)")
+        _agree(m, "projector_type", kind, path, f"mm_projector_type '{kind}'")
+        start_end = bool(config.get("mm_use_im_start_end"))
+        _agree(m, "image_tokens", "start_end" if start_end else "plain", path,
+               f"mm_use_im_start_end {str(start_end).lower()}")
         select = config.get("mm_vision_select_feature", "patch")
         if select not in ("patch", "cls_patch"):
             raise ModelError(f"{key}: '{path}' has mm_vision_select_feature '{select}' (expected patch)")
@@ -233,9 +250,15 @@ class ModelSpec:
             tower = str(Path(path) / tower)
         vision_key = "model.vision_tower" if m.vision_tower else f"mm_vision_tower of '{path}'"
         vision = _vision(tower, vision_key, known)
-        return cls("llava-original", key, path, config, original_text_fields(config), vision, tower, vision_key,
+        text = original_text_fields(config)
+        if isinstance(text.get("pad_token_id"), int) and text["pad_token_id"] < 0:
+            # The v1 releases say pad_token_id -1, which nn.Embedding reads as its last row (<im_end> there): a
+            # padding_idx that would zero that row's gradient. The loader sets <pad>'s id instead.
+            text["pad_token_id"] = None
+        return cls("llava-original", key, path, config, text, vision, tower, vision_key,
                    config.get("mm_vision_select_layer", -2), "default" if select == "patch" else "full",
-                   _original_pinpoints(m, key, path, config, vision.image_size))
+                   _original_pinpoints(m, key, path, config, vision.image_size), projector_type=kind,
+                   start_end=start_end)
 
     @property
     def is_next(self) -> bool:
@@ -309,6 +332,38 @@ def _original_pinpoints(m, key: str, path: str, config: dict[str, Any], tile: in
             raise ModelError(f"{key}: '{path}' has image_aspect_ratio anyres but no image_grid_pinpoints")
         return resolve_pinpoints(pins, tile, f"image_grid_pinpoints of '{path}'")
     return None
+
+
+def checkpoint_model_keys(path: str, config: dict[str, Any]) -> dict[str, str]:
+    """``model.projector_type`` / ``model.image_tokens`` as a local LLaVA checkpoint has them (for loading one to
+    answer with, where there is no recipe to say): LLaVA v1's linear projector and start/end tokens, or LLaVA-1.5's."""
+    layout = checkpoint_layout(config)
+    if layout == "llava-original":
+        kind = config.get("mm_projector_type", "linear")
+        start_end = bool(config.get("mm_use_im_start_end"))
+    elif layout == "llava-hf":
+        kind = "linear" if config.get("projector_hidden_act") == "linear" else "mlp2x_gelu"
+        folder = Path(path)
+        start_end = any(f.is_file() and '"<im_start>"' in f.read_text(encoding="utf-8", errors="replace")
+                        for f in (folder / "added_tokens.json", folder / "tokenizer_config.json"))
+    else:
+        return {}
+    keys = {"image_tokens": "start_end" if start_end else "plain"}
+    if kind in ("linear", "mlp2x_gelu"):
+        keys["projector_type"] = kind
+    return keys
+
+
+def _recipe_value(m, name: str, default: str) -> str:
+    """``model.<name>`` of a recipe (the default for a model section from before the key existed)."""
+    return getattr(m, name, default) or default
+
+
+def _agree(m, name: str, found: str, path: str, what: str) -> None:
+    """A LLaVA checkpoint's projector / image tokens are what they are: the recipe must say the same."""
+    wanted = _recipe_value(m, name, found)
+    if wanted != found:
+        raise ModelError(f"model.{name}: '{wanted}', but '{path}' has {what}; set model.{name}: {found}")
 
 
 def _vision(path: str, key: str, known) -> Any:

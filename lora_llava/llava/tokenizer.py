@@ -22,10 +22,10 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..files import read_json
-from .constants import IMAGE_TOKEN, PAD_TOKEN
+from .constants import IMAGE_END_TOKEN, IMAGE_START_TOKEN, IMAGE_TOKEN, PAD_TOKEN
 
 __all__ = ["SENTENCEPIECE_MODEL", "add_llava_tokens", "encode_like_sentencepiece", "image_token_id",
-           "is_llama2_sentencepiece", "is_llama2_sentencepiece_vocab", "llama2_sentencepiece_pieces",
+           "image_wrap_ids", "is_llama2_sentencepiece", "is_llama2_sentencepiece_vocab", "llama2_sentencepiece_pieces",
            "load_folder_tokenizer", "load_tokenizer", "sentencepiece_model_bytes", "vicuna_tokenizer"]
 
 logger = logging.getLogger(__name__)
@@ -127,10 +127,21 @@ def encode_like_sentencepiece(tokenizer, text: str, add_special_tokens: bool):
     return enc
 
 
-def add_llava_tokens(tokenizer) -> None:
-    """Add ``<image>`` and ``<pad>`` as the llava-hf checkpoints have them (32000 and 32001 on Vicuna's vocabulary)."""
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+def add_llava_tokens(tokenizer, start_end: bool = False) -> None:
+    """Add ``<image>`` and ``<pad>`` as the llava-hf checkpoints have them (32000 and 32001 on Vicuna's vocabulary).
+
+    ``start_end`` (LLaVA v1): ``<im_start>`` and ``<im_end>`` come between them, so on Vicuna's vocabulary the ids are
+    ``<image>`` 32000, ``<im_start>`` 32001, ``<im_end>`` 32002, ``<pad>`` 32003: the rows of an original v1 checkpoint
+    (``<im_patch>`` 32000, ``<im_start>`` 32001, ``<im_end>`` 32002) map one to one, ``<image>`` playing
+    ``<im_patch>``'s part. Tokens the tokenizer has already keep their ids."""
+    vocab = tokenizer.get_vocab()
+    wanted = [IMAGE_TOKEN] + ([IMAGE_START_TOKEN, IMAGE_END_TOKEN] if start_end else [])
+    missing = [t for t in wanted if t not in vocab]
+    if missing:
+        # One call: a second add_special_tokens call would replace the first one's additional_special_tokens.
+        extra = getattr(tokenizer, "extra_special_tokens", None)  # transformers 5's name of the list
+        present = [str(t) for t in extra if str(t) not in missing] if isinstance(extra, (list, tuple)) else []
+        tokenizer.add_special_tokens({"additional_special_tokens": present + missing})
     if tokenizer.pad_token != PAD_TOKEN:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
 
@@ -141,6 +152,15 @@ def image_token_id(tokenizer) -> int:
     if found is None or found == tokenizer.unk_token_id:
         raise UsageError(f"the tokenizer has no '{IMAGE_TOKEN}' token (add_llava_tokens adds it)")
     return found
+
+
+def image_wrap_ids(tokenizer) -> tuple[int, int] | None:
+    """``(<im_start>, <im_end>)`` ids when ``tokenizer`` has both (LLaVA v1: each image is wrapped in them), else
+    None. The tokenizer decides, so training, inference and an export's tokenizer always agree."""
+    vocab = tokenizer.get_vocab()
+    if IMAGE_START_TOKEN in vocab and IMAGE_END_TOKEN in vocab:
+        return vocab[IMAGE_START_TOKEN], vocab[IMAGE_END_TOKEN]
+    return None
 
 
 def load_tokenizer(path: str | Path | None = None):

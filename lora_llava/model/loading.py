@@ -13,6 +13,10 @@ comes back with the model.
 With grid resolutions (``model.image_grid_pinpoints``, a ``llava_next`` checkpoint, an original LLaVA-1.6) the model
 is a ``LlavaNextForConditionalGeneration`` with a ``LlavaNextProcessor`` instead (LLaVA-1.5-HD / NeXT AnyRes; see
 :mod:`lora_llava.model.next`).
+
+The original LLaVA (v1, ``model.projector_type: linear``, ``model.image_tokens: start_end``) is the same model with an
+identity activation and ``linear_2`` set to the identity, and ``<im_start>`` / ``<im_end>`` added between ``<image>``
+and ``<pad>``.
 """
 
 from __future__ import annotations
@@ -27,13 +31,13 @@ from ..errors import ModelError
 from ..llava.constants import IMAGE_TOKEN, padded_vocab
 from ..llava.layouts import FROM_PRETRAINED_KEY_MAPPING
 from ..llava.spec import ModelSpec, llava_config
-from ..llava.tokenizer import add_llava_tokens, image_token_id, load_folder_tokenizer
+from ..llava.tokenizer import add_llava_tokens, image_token_id, image_wrap_ids, load_folder_tokenizer
 from .next import init_image_newline, next_image_processor, next_processor
 from .runtime import Runtime, quiet_transformers, runtime
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["added_rows", "grow_vocabulary", "load_model"]
+__all__ = ["added_rows", "grow_vocabulary", "load_model", "set_identity"]
 
 
 def load_model(recipe, spec: ModelSpec | None = None, device_map: dict[str, Any] | None = None) -> tuple[Any, Any]:
@@ -94,6 +98,12 @@ def _load_llava_hf(spec: ModelSpec, rt: Runtime) -> tuple[Any, Any]:
                              f"({type(processor.image_processor).__name__}) does not cut images into grids")
         # model.image_grid_pinpoints may narrow the checkpoint's set: the processor must count as the model does.
         processor.image_processor.image_grid_pinpoints = [list(p) for p in spec.pinpoints]
+    has_wrap = image_wrap_ids(processor.tokenizer) is not None
+    if has_wrap != spec.start_end:
+        found = "start_end" if has_wrap else "plain"
+        raise ModelError(f"model.image_tokens: '{'start_end' if spec.start_end else 'plain'}', but the tokenizer of "
+                         f"'{spec.path}' {'has' if has_wrap else 'lacks'} <im_start>/<im_end>; set model.image_tokens: "
+                         f"{found}")
     if processor.tokenizer.pad_token_id is None:
         raise ModelError(f"{spec.key}: the tokenizer of '{spec.path}' has no pad token; llava-hf checkpoints add "
                          "<pad>")
@@ -124,6 +134,15 @@ def grow_vocabulary(model, tokens: int) -> None:
         model.get_output_embeddings().weight[old:] = added_rows(head_old, new - old)
 
 
+def set_identity(linear) -> None:
+    """Make a square ``nn.Linear`` the identity (weight I, bias 0): the ``linear_2`` of a linear (LLaVA v1)
+    projector, which then passes ``linear_1``'s output through unchanged, in any dtype."""
+    with torch.no_grad():
+        linear.weight.copy_(torch.eye(linear.weight.shape[0], dtype=linear.weight.dtype))
+        if linear.bias is not None:
+            linear.bias.zero_()
+
+
 def _image_processor(vision: str, vision_config):
     from transformers import CLIPImageProcessor
 
@@ -147,9 +166,10 @@ def _assemble(spec: ModelSpec, rt: Runtime) -> tuple[Any, Any]:
         tokenizer = load_folder_tokenizer(weights, trust_remote_code=rt.remote)
     except (OSError, ValueError) as e:
         raise ModelError(f"{key}: '{weights}' has no usable tokenizer ({e})") from None
-    add_llava_tokens(tokenizer)
+    add_llava_tokens(tokenizer, start_end=spec.start_end)
+    linear = spec.projector_type == "linear"
     config = llava_config(spec.text_config(), spec.vision_config, image_token_id(tokenizer), spec.feature_layer,
-                          spec.strategy, spec.pinpoints)
+                          spec.strategy, spec.pinpoints, projector_type=spec.projector_type)
     try:
         with quiet_transformers():
             model, info = _classes(spec)[1].from_pretrained(
@@ -158,7 +178,9 @@ def _assemble(spec: ModelSpec, rt: Runtime) -> tuple[Any, Any]:
             )
     except _LOAD_ERRORS as e:
         raise _weights_error(key, weights, e) from None
-    expected_missing = ("model.vision_tower.",) + (() if projector_in_checkpoint else ("model.multi_modal_projector.",))
+    expected_missing = ("model.vision_tower.",) + (
+        ("model.multi_modal_projector.linear_2.",) if linear else ()) + (
+        () if projector_in_checkpoint else ("model.multi_modal_projector.",))
     fresh_newline = spec.is_next and "model.image_newline" in info["missing_keys"]
     missing = [k for k in info["missing_keys"] if not k.startswith(expected_missing) and k != "model.image_newline"]
     if missing:
@@ -183,6 +205,8 @@ def _assemble(spec: ModelSpec, rt: Runtime) -> tuple[Any, Any]:
             layer.reset_parameters()
     if fresh_newline:  # a LLaVA-1.5 (parts or checkpoint) turned NeXT: no image_newline there yet
         init_image_newline(model)
+    if linear:
+        set_identity(model.model.multi_modal_projector.linear_2)
 
     old_vocab = model.get_input_embeddings().weight.shape[0]
     grow_vocabulary(model, len(tokenizer))

@@ -15,9 +15,17 @@ import torch
 from ..errors import ModelError
 from ..llava.constants import LORA_TARGETS
 from ..llava.spec import ModelSpec
+from ..llava.tokenizer import image_wrap_ids
 from ..run.folder import projector_file
 from .loading import load_model
-from .projector import check_projector_shapes, load_projector, projector_parameters, read_projector
+from .projector import (
+    ROWS,
+    check_projector_shapes,
+    load_projector,
+    projector_parameters,
+    read_projector,
+    trained_projector_parameters,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -42,27 +50,33 @@ def lora_config(recipe):
     return LoraConfig(target_modules=targets, **kwargs)
 
 
-def apply_stage(model, recipe):
+def apply_stage(model, recipe, token_rows: list[int] | None = None):
     """Freeze / unfreeze per ``train.stage`` and attach LoRA in stage 2. Returns the model to train.
 
-    Stage 1: only the projector (with a NeXT model's ``image_newline``) trains. Stage 2: LoRA on the language
-    model's q/k/v/o/gate/up/down, projector (and ``image_newline``) fully trained, vision tower and everything else
-    frozen. Trainable parameters are kept in ``train.trainable_dtype``
-    (fp32 by default: mixed precision's master weights); the frozen model is not upcast.
+    Stage 1: only the projector (with a NeXT model's ``image_newline``) trains. Stage 2: LoRA on the language model's
+    q/k/v/o/gate/up/down, projector (and ``image_newline``) fully trained, vision tower and everything else frozen.
+    ``token_rows`` (LLaVA v1's ``<im_start>``/``<im_end>`` ids): those input embedding rows train too, in both stages,
+    through peft's trainable tokens (every other row, and the output embeddings, stay frozen). A linear (v1)
+    projector trains ``linear_1`` only; ``linear_2`` stays the identity. Trainable parameters are kept in
+    ``train.trainable_dtype`` (fp32 by default: mixed precision's master weights); the frozen model is not upcast.
     """
     from peft import get_peft_model
 
     model.requires_grad_(False)
     if recipe.train.stage == 2:
-        model = get_peft_model(model, lora_config(recipe))
-    elif getattr(model, "is_quantized", False):
+        config = lora_config(recipe)
+        if token_rows:
+            config.trainable_token_indices = list(token_rows)
+        model = get_peft_model(model, config)
+    elif getattr(model, "is_quantized", False) or token_rows:
         # transformers' Trainer refuses a quantized model that is not a PeftModel. A PeftModel with no LoRA layers at
         # all (peft's "dummy" targets) passes that check and changes nothing; the projector trains as a plain module.
         from peft import LoraConfig
         from peft.utils.constants import DUMMY_TARGET_MODULES
 
-        model = get_peft_model(model, LoraConfig(target_modules=DUMMY_TARGET_MODULES))
-    for _, p in projector_parameters(model):
+        model = get_peft_model(model, LoraConfig(target_modules=DUMMY_TARGET_MODULES,
+                                                 trainable_token_indices=list(token_rows) if token_rows else None))
+    for _, p in trained_projector_parameters(model):
         p.requires_grad_(True)
     dtype = getattr(torch, recipe.train.trainable_dtype)
     computes = model.get_input_embeddings().weight.dtype
@@ -98,10 +112,15 @@ def build_model(recipe, device_map: dict[str, Any] | None = None) -> tuple[Any, 
         model_name = f"model.llava '{m.llava}'" if m.llava is not None else f"model.llm '{m.llm}'"
         check_projector_shapes(recipe.model.projector, projector, spec.projector_shapes(), model_name)
     model, processor = load_model(recipe, spec, device_map)
+    rows = image_wrap_ids(processor.tokenizer)
     if projector is not None:
+        if ROWS in projector and rows is None:
+            raise ModelError(f"model.projector: '{recipe.model.projector}' holds trained <im_start>/<im_end> rows (a "
+                             "LLaVA v1 projector), but this model has no such tokens; set model.image_tokens: "
+                             "start_end")
         load_projector(model, projector, recipe.model.projector)
         logger.info("projector loaded from %s", recipe.model.projector)
-    return apply_stage(model, recipe), processor
+    return apply_stage(model, recipe, list(rows) if rows else None), processor
 
 
 def model_summary(model) -> dict[str, Any]:

@@ -111,7 +111,9 @@ class LlavaSFTTrainer(SFTTrainer):
         opt_model = self.model if model is None else model
         if self.optimizer is None and self.projector_lr is not None:
             decay = set(self.get_decay_parameter_names(opt_model))
-            projector = {n for n, _ in projector_parameters(opt_model)}
+            # LLaVA v1's trained <im_start>/<im_end> rows go with the projector: v1 trained both at its stage-2 lr.
+            projector = {n for n, _ in projector_parameters(opt_model)} | {
+                n for n, _ in opt_model.named_parameters() if "trainable_tokens_delta" in n}
             groups = []
             for is_proj in (False, True):
                 for wd in (True, False):

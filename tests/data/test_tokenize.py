@@ -190,3 +190,42 @@ def test_per_image_token_counts(vicuna_tokenizer):
                                                                                     32000, [4, 4])
     with pytest.raises(ValueError, match="2 <image> tags"):
         encode_prompt(turns, vicuna_tokenizer, tmpl, 32000, [3])
+
+
+def test_llava_v0_labels_with_image_start_end_hand_checked():
+    """LLaVA v1 on the real tokenizer: <im_start> + image tokens + <im_end> masked, each answer and the "###" that
+    closes it supervised (the stop the model learns), the "### Human:" / "### Assistant:" headers and the final
+    "### " not."""
+    from lora_llava.llava.tokenizer import add_llava_tokens, vicuna_tokenizer
+
+    tok = vicuna_tokenizer()
+    add_llava_tokens(tok, start_end=True)
+    sample = _sample("<image>\nWhat is it?", "A red circle.", "Sure?", "Yes.", images=["a.png"])
+    enc = encode_sample(sample, tok, get_template("llava_v0"), IMG, 3)
+    at = enc.input_ids.index(32001)
+    tail = list(zip(tok.convert_ids_to_tokens(enc.input_ids[at - 6:]), enc.labels[at - 6:]))
+    m = IGNORE_INDEX
+    assert tail == [
+        ("<0x0A>", m), ("##", m), ("#", m), ("▁Human", m), (":", m), ("▁", m),
+        ("<im_start>", m), ("<image>", m), ("<image>", m), ("<image>", m), ("<im_end>", m),
+        ("▁", m), ("<0x0A>", m), ("What", m), ("▁is", m), ("▁it", m), ("?", m),
+        ("<0x0A>", m), ("##", m), ("#", m), ("▁Ass", m), ("istant", m), (":", m),
+        ("▁A", 319), ("▁red", 2654), ("▁circle", 8607), (".", 29889), ("<0x0A>", 13), ("##", 2277), ("#", 29937),
+        ("▁Human", m), (":", m), ("▁Sure", m), ("?", m),
+        ("<0x0A>", m), ("##", m), ("#", m), ("▁Ass", m), ("istant", m), (":", m),
+        ("▁Yes", 3869), (".", 29889), ("<0x0A>", 13), ("##", 2277), ("#", 29937),
+        ("▁", m)]
+    assert enc.input_ids[0] == 1 and all(lab == m for lab in enc.labels[:at])  # BOS + system + "### Human: " masked
+    # The generation prompt is the training string up to "### Assistant:", wrapped image and all.
+    prompt = encode_prompt([("human", "<image>\nWhat is it?")], tok, get_template("llava_v0"), IMG, 3)
+    assert prompt == enc.input_ids[:at + 17]
+    # A tokenizer without <im_start>/<im_end> (LLaVA-1.5) does not wrap.
+    plain = encode_prompt([("human", "<image>\nWhat is it?")], _plain_tokenizer(), get_template("llava_v0"),
+                          IMG, 3)
+    assert 32001 not in plain and plain.count(IMG) == 3
+
+
+def _plain_tokenizer():
+    from lora_llava.llava.tokenizer import load_tokenizer
+
+    return load_tokenizer()

@@ -207,7 +207,11 @@ def test_original_checkpoint_problems_are_named(parts, tmp_path):
     shutil.copytree(parts["original"], bad)
     config = json.loads((bad / "config.json").read_text())
     (bad / "config.json").write_text(json.dumps({**config, "mm_projector_type": "linear"}))
-    with pytest.raises(ModelError, match="mm_projector_type 'linear'; LLaVA-1.5 uses mlp2x_gelu"):
+    # A linear projector (LLaVA v1) loads when the recipe says so (tests/model/test_llava_v1.py); unsaid, it is named.
+    with pytest.raises(ModelError, match="has mm_projector_type 'linear'; set model.projector_type: linear"):
+        load_model(_recipe(tmp_path, llava=str(bad)))
+    (bad / "config.json").write_text(json.dumps({**config, "mm_projector_type": "mlp3x_gelu"}))
+    with pytest.raises(ModelError, match="mm_projector_type 'mlp3x_gelu'; lora-llava reads mlp2x_gelu"):
         load_model(_recipe(tmp_path, llava=str(bad)))
     # A checkpoint with fewer layers than its config says: the missing weights are named.
     (bad / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))

@@ -184,3 +184,16 @@ def test_plan_names_a_broken_or_foreign_checkpoint(tmp_path, capsys):
     assert main(["plan", str(RECIPES / "llava15_7b.yaml"), f"model.llava={llama}", "model.llm=null",
                  "model.projector=null"]) == 2
     assert f"model.llava: '{llama}' is a 'llama' checkpoint, not a LLaVA" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["llava_v1_7b_pretrain", "llava_v1_7b", "llava_v1_13b_pretrain", "llava_v1_13b"])
+def test_v1_recipes_plan_offline_with_256_image_tokens(name):
+    """The LLaVA v1 recipes: CLIP-L/14 at 224 px (256 image tokens) and the LLaMA-1 Vicunas are known offline."""
+    from lora_llava.planner import shapes_for
+
+    recipe = load_recipe(RECIPES / f"{name}.yaml", check_files=False)
+    shapes = shapes_for(recipe)
+    assert (shapes.image_size, shapes.patch_size, shapes.image_tokens) == (224, 14, 256)
+    assert shapes.hidden == (5120 if "13b" in name else 4096) and shapes.vocab == 32064
+    p = plan(recipe, 24, seq_len=400 if "pretrain" in name else None)
+    assert p.fits, (name, p.needed / GiB)
