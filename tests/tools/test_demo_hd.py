@@ -1,21 +1,14 @@
-"""The high-resolution demo (recipes/demo_hd.yaml): its tiny LLaVA-NeXT and data, and the full run when the model
-side loads llava-next checkpoints."""
+"""The high-resolution demo (recipes/demo_hd.yaml): its tiny LLaVA-NeXT and data, and a short run that learns."""
 
 from __future__ import annotations
 
-import os
-import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 
 from lora_llava.config.recipe import recipe_from_dict
-from lora_llava.errors import ModelError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -66,31 +59,21 @@ def test_demo_hd_model_and_data(tmp_path):
     assert torch.isfinite(loss)
 
 
-def _model_side_loads_llava_next(tmp_path) -> bool:
-    from lora_llava.demo import make_demo_model
-    from lora_llava.llava.spec import ModelSpec
+def test_demo_hd_learns_quickly(tmp_path, monkeypatch):
+    """recipes/demo_hd.yaml (a tiny LLaVA-NeXT, images of several sizes, so samples of different image-token counts),
+    shortened to 60 steps in-process: the loss falls and the held-out accuracy, printed, is well above chance (1/12).
+    The full 500-step demo_hd is the figure in the README (0.842 held-out accuracy on the 2-core CPU VM)."""
+    from lora_llava.config.recipe import load_recipe
+    from lora_llava.train.sft import train
 
-    recipe = _recipe(tmp_path)
-    make_demo_model(recipe.model.llava, image_size=16, hidden_size=32, anyres=True)
-    try:
-        ModelSpec.from_recipe(recipe)
-    except ModelError:
-        return False
-    return True
-
-
-def test_full_demo_hd_learns(tmp_path):
-    """As test_demo's: the HD demo through the CLI learns, its held-out accuracy printed (chance is 1/12). Measured:
-    0.842 (101/120) at the recipe's 500 steps on a 2-core CPU VM, below the LLaVA-1.5 demo's 0.90 bar; the loss was
-    still falling (a longer run was not finished here), so the bar is 0.75."""
-    if not _model_side_loads_llava_next(tmp_path / "probe"):
-        pytest.skip("needs the model side of issue 19: lora-llava loading llava-next checkpoints")
     shutil.copytree(ROOT / "recipes", tmp_path / "recipes")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    r = subprocess.run([sys.executable, "-m", "lora_llava", "sft", "recipes/demo_hd.yaml"], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=1500)
-    assert r.returncode == 0, r.stderr[-3000:]
-    match = re.search(r"held-out accuracy: ([0-9.]+) \((\d+)/(\d+)", r.stdout)
-    assert match, r.stdout
-    print(match[0])
-    assert int(match[3]) == 120 and float(match[1]) >= 0.75, r.stdout
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe("recipes/demo_hd.yaml", ["train.max_steps=60", "train.per_device_train_batch_size=8",
+                                                  "demo.train_samples=480", "demo.eval_samples=24"])
+    result = train(recipe)
+    model = result.model.get_base_model()
+    assert type(model).__name__ == "LlavaNextForConditionalGeneration"
+    assert result.losses[-1] < 0.3 * result.losses[0], result.losses
+    accuracy = result.metrics["scores"]["vqa_match"] / 100
+    print(result.metrics["summary"])
+    assert accuracy >= 0.25, result.metrics["summary"]
