@@ -8,44 +8,19 @@ import json
 import pytest
 import torch
 from PIL import Image
+from tiny_next import TILE, tiny_next
 
 from lora_llava.config.recipe import recipe_from_dict
 from lora_llava.errors import RecipeError
-from lora_llava.llava.anyres import AnyresGrid, grid_pinpoints
+from lora_llava.llava.anyres import AnyresGrid
 from lora_llava.llava.constants import IMAGE_TOKEN
 from lora_llava.llava.tokenizer import image_token_id, load_tokenizer
 
-TILE, PATCH = 32, 8
 SIZES = [(32, 32), (64, 64), (40, 90), (90, 40), (64, 60), (33, 70), (70, 33), (50, 50)]
 
 
 def _tiny_next():
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessor,
-        LlavaNextProcessor,
-    )
-
-    tok = load_tokenizer()
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              image_size=TILE, patch_size=PATCH, projection_dim=32)
-    text = LlamaConfig(vocab_size=32064, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-                       pad_token_id=tok.pad_token_id)
-    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=image_token_id(tok),
-                             image_grid_pinpoints=grid_pinpoints(TILE), vision_feature_layer=-2,
-                             vision_feature_select_strategy="default", pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    model = LlavaNextForConditionalGeneration(config)
-    model.config._attn_implementation = "sdpa"
-    ip = LlavaNextImageProcessor(size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE},
-                                 image_grid_pinpoints=grid_pinpoints(TILE))
-    return model, LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=PATCH,
-                                     vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                                     image_token=IMAGE_TOKEN)
+    return tiny_next(load_tokenizer())
 
 
 @pytest.fixture
