@@ -69,14 +69,26 @@ def sft_config(recipe, model_dtype: torch.dtype):
     return SFTConfig(**kwargs)
 
 
+def _capped_pinpoints(recipe, grid: AnyresGrid | None) -> list[list[int]]:
+    """``grid``'s resolutions with at most ``data.max_tiles`` tiles; :class:`RecipeError` when the model has no grid
+    or the cap leaves no resolution."""
+    limit = recipe.data.max_tiles
+    if grid is None:
+        raise RecipeError([f"data.max_tiles: {limit}, but the model has no AnyRes grid (a LLaVA-1.5 model sees one "
+                           "view per image); remove it, or set model.image_grid_pinpoints"], recipe.source)
+    try:
+        return limit_tiles(grid.pinpoints, grid.tile, limit)
+    except ValueError as e:
+        raise RecipeError([f"data.max_tiles: {e}"], recipe.source) from None
+
+
 def resolve_max_tiles(recipe) -> None:
     """Write ``data.max_tiles`` into the recipe as the model's grid: ``model.image_grid_pinpoints`` becomes the grid
     resolutions (of the recipe, or of the NeXT checkpoint) with at most that many tiles. The run folder keeps this
     recipe, so everything that rebuilds the model from it (resume, merge, chat, generate, eval, serve) cuts images
     as training did. Reads the model's config files only; a no-op without ``data.max_tiles``. Raises
     :class:`RecipeError` when the model has no grid or the cap leaves no resolution."""
-    limit = recipe.data.max_tiles
-    if limit is None:
+    if recipe.data.max_tiles is None:
         return
     if recipe.demo is not None:
         from ..demo import prepare_demo
@@ -86,13 +98,7 @@ def resolve_max_tiles(recipe) -> None:
         grid = ModelSpec.from_recipe(recipe).grid
     except ModelError as e:
         raise RecipeError([str(e)], recipe.source) from None
-    if grid is None:
-        raise RecipeError([f"data.max_tiles: {limit}, but the model has no AnyRes grid (a LLaVA-1.5 model sees one "
-                           "view per image); remove it, or set model.image_grid_pinpoints"], recipe.source)
-    try:
-        recipe.model.image_grid_pinpoints = limit_tiles(grid.pinpoints, grid.tile, limit)
-    except ValueError as e:
-        raise RecipeError([f"data.max_tiles: {e}"], recipe.source) from None
+    recipe.model.image_grid_pinpoints = _capped_pinpoints(recipe, grid)
 
 
 def apply_max_tiles(recipe, config, processor=None) -> AnyresGrid | None:
@@ -103,17 +109,10 @@ def apply_max_tiles(recipe, config, processor=None) -> AnyresGrid | None:
     built capped and the run folder's recipe carries the cap to merge and inference. Returns the grid in force (None
     for a LLaVA-1.5 model); a no-op without ``data.max_tiles``. Raises :class:`RecipeError` when the cap leaves no
     resolution, or is set on a LLaVA-1.5 model."""
-    limit = recipe.data.max_tiles
     grid = AnyresGrid.from_config(config)
-    if limit is None:
+    if recipe.data.max_tiles is None:
         return grid
-    if grid is None:
-        raise RecipeError([f"data.max_tiles: {limit}, but the model has no AnyRes grid (a LLaVA-1.5 model sees one "
-                           "view per image); remove it, or set model.image_grid_pinpoints"], recipe.source)
-    try:
-        pins = limit_tiles(grid.pinpoints, grid.tile, limit)
-    except ValueError as e:
-        raise RecipeError([f"data.max_tiles: {e}"], recipe.source) from None
+    pins = _capped_pinpoints(recipe, grid)
     config.image_grid_pinpoints = pins
     image_processor = getattr(processor, "image_processor", None)
     if image_processor is not None:

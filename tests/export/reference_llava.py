@@ -31,6 +31,15 @@ class _Float32Torch(types.ModuleType):
         return torch.float32 if name == "float16" else getattr(torch, name)
 
 
+def image_kwargs(case: dict, image_processor, model) -> dict:
+    """The reference's image inputs for a case (``images``, ``image_sizes``), none for a text-only case."""
+    if not case["image"]:
+        return {}
+    image = Image.open(case["image"]).convert("RGB")
+    return {"images": process_images([image], image_processor, model.config).to(model.dtype),
+            "image_sizes": [image.size]}
+
+
 def main(export: str, cases_file: str, out_dir: str, conversations_file: str = "") -> None:
     builder.torch = _Float32Torch("torch")
     tokenizer, model, image_processor, _ = builder.load_pretrained_model(
@@ -47,11 +56,7 @@ def main(export: str, cases_file: str, out_dir: str, conversations_file: str = "
         conv.append_message(conv.roles[1], None)
         prompt = conv.get_prompt()
         input_ids = tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt").unsqueeze(0)
-        kwargs = {}
-        if case["image"]:
-            image = Image.open(case["image"]).convert("RGB")
-            kwargs = {"images": process_images([image], image_processor, model.config).to(model.dtype),
-                      "image_sizes": [image.size]}
+        kwargs = image_kwargs(case, image_processor, model)
         with torch.inference_mode():
             logits = model(input_ids, **kwargs).logits[0].float().numpy()
             generated = model.generate(input_ids, do_sample=False, max_new_tokens=8, use_cache=True, **kwargs)

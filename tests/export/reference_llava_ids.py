@@ -19,9 +19,8 @@ from pathlib import Path
 import llava.model.builder as builder
 import numpy as np
 import torch
-from llava.mm_utils import get_model_name_from_path, process_images
-from PIL import Image
-from reference_llava import _Float32Torch
+from llava.mm_utils import get_model_name_from_path
+from reference_llava import _Float32Torch, image_kwargs
 
 
 def main(export: str, cases_file: str, out_dir: str) -> None:
@@ -31,11 +30,7 @@ def main(export: str, cases_file: str, out_dir: str) -> None:
     model.eval()
     out = Path(out_dir)
     for k, case in enumerate(json.loads(Path(cases_file).read_text())):
-        kwargs = {}
-        if case["image"]:
-            image = Image.open(case["image"]).convert("RGB")
-            kwargs = {"images": process_images([image], image_processor, model.config).to(model.dtype),
-                      "image_sizes": [image.size]}
+        kwargs = image_kwargs(case, image_processor, model)
         with torch.inference_mode():
             logits = model(torch.tensor([case["input_ids"]]), **kwargs).logits[0].float().numpy()
         np.save(out / f"logits{k}.npy", logits)
